@@ -8,7 +8,7 @@ PGFILEDESC  = "dsmapper - map a function over every row of a table"
 
 PG_CPPFLAGS = -I$(srcdir)/src
 PG_CFLAGS   = -Wall -Wextra -Werror -Wno-unused-parameter \
-              -Wno-missing-field-initializers -Wno-sign-compare
+              -Wno-missing-field-initializers -Wno-sign-compare -Wno-clobbered
 
 # pg_regress: SQL in test/sql, expected output in expected/ (test/expected
 # is a symlink to it), each run in a private temporary instance.
@@ -16,6 +16,9 @@ REGRESS      = $(sort $(basename $(notdir $(wildcard test/sql/*.sql))))
 REGRESS_OPTS = --inputdir=test --outputdir=test/results \
                --temp-instance=test/tmp_regress \
                --temp-config=test/regress.conf
+
+# -Wno-clobbered: PG_TRY/PG_FINALLY trip it inside the macros themselves;
+# variables we change inside PG_TRY are declared volatile by hand.
 
 # isolation specs
 ISOLATION      = $(sort $(basename $(notdir $(wildcard test/specs/*.spec))))

@@ -1,0 +1,65 @@
+/*-------------------------------------------------------------------------
+ *
+ * guc.c
+ *		Configuration parameters of dsmapper.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "dsmapper.h"
+
+#include "utils/guc.h"
+
+/* Workers across the whole cluster; needs a restart to change. */
+int			dsm_max_workers = 4;
+
+/* Seconds an idle worker waits for new work before giving its slot back. */
+int			dsm_worker_idle_timeout = 60;
+
+/* Level of the job start and end messages. */
+int			dsm_log_level_jobs = LOG;
+
+static const struct config_enum_entry log_level_options[] = {
+	{"debug1", DEBUG1, false},
+	{"info", INFO, false},
+	{"notice", NOTICE, false},
+	{"log", LOG, false},
+	{NULL, 0, false}
+};
+
+/*
+ * dsm_define_gucs registers every dsmapper.* parameter.  Called from
+ * _PG_init, in the postmaster when preloaded or in a backend otherwise.
+ */
+void
+dsm_define_gucs(void)
+{
+	DefineCustomIntVariable("dsmapper.max_workers",
+							"Maximum number of dsmapper background workers in the cluster.",
+							"Zero disables the background workers; jobs then run only "
+							"through dsmapper_run().",
+							&dsm_max_workers,
+							4, 0, 256,
+							PGC_POSTMASTER,
+							0,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("dsmapper.worker_idle_timeout",
+							"Time an idle dsmapper worker waits for new work before it exits.",
+							NULL,
+							&dsm_worker_idle_timeout,
+							60, 1, 86400,
+							PGC_SIGHUP,
+							GUC_UNIT_S,
+							NULL, NULL, NULL);
+
+	DefineCustomEnumVariable("dsmapper.log_level",
+							 "Message level of job start and end messages.",
+							 NULL,
+							 &dsm_log_level_jobs,
+							 LOG, log_level_options,
+							 PGC_SUSET,
+							 0,
+							 NULL, NULL, NULL);
+
+	MarkGUCPrefixReserved("dsmapper");
+}

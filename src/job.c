@@ -1,0 +1,480 @@
+/*-------------------------------------------------------------------------
+ *
+ * job.c
+ *		Loading jobs, primary-key metadata, and switching identities.
+ *
+ * Two identities are used for SQL that dsmapper runs:
+ *
+ *	- "internal": the extension owner, with search_path pinned to
+ *	  pg_catalog, for every read and write of dsmapper's own tables;
+ *	- "owner": the role that launched the job, with the search_path it had
+ *	  at launch, for everything that touches user data or runs user code
+ *	  (sampling, key reads, the filter, the mapper).
+ *
+ * Both are entered with SECURITY_LOCAL_USERID_CHANGE, so user code cannot
+ * SET ROLE its way out, and both are undone by transaction or
+ * subtransaction abort as well as by dsm_leave.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "dsmapper.h"
+
+#include "access/genam.h"
+#include "access/htup_details.h"
+#include "access/table.h"
+#include "catalog/indexing.h"
+#include "catalog/namespace.h"
+#include "catalog/pg_extension.h"
+#include "catalog/pg_type.h"
+#include "commands/extension.h"
+#include "executor/spi.h"
+#include "miscadmin.h"
+#include "nodes/parsenodes.h"
+#include "parser/parser.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/fmgroids.h"
+#include "utils/guc.h"
+#include "utils/lsyscache.h"
+#include "utils/rel.h"
+#include "utils/relcache.h"
+#include "utils/timestamp.h"
+
+/*
+ * dsm_extension_owner returns the role that owns the dsmapper extension in
+ * the current database.  Inside a transaction; errors if not installed.
+ */
+Oid
+dsm_extension_owner(void)
+{
+	Relation	rel;
+	ScanKeyData key;
+	SysScanDesc scan;
+	HeapTuple	tuple;
+	Oid			owner = InvalidOid;
+
+	rel = table_open(ExtensionRelationId, AccessShareLock);
+	ScanKeyInit(&key, Anum_pg_extension_extname, BTEqualStrategyNumber,
+				F_NAMEEQ, CStringGetDatum(DSM_EXTENSION_NAME));
+	scan = systable_beginscan(rel, ExtensionNameIndexId, true, NULL, 1, &key);
+	tuple = systable_getnext(scan);
+	if (HeapTupleIsValid(tuple))
+		owner = ((Form_pg_extension) GETSTRUCT(tuple))->extowner;
+	systable_endscan(scan);
+	table_close(rel, AccessShareLock);
+
+	if (!OidIsValid(owner))
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("extension \"%s\" is not installed in this database",
+						DSM_EXTENSION_NAME)));
+	return owner;
+}
+
+/*
+ * dsm_extension_exists tells whether the extension is installed and not
+ * being dropped right now.  Inside a transaction.
+ */
+bool
+dsm_extension_exists(void)
+{
+	return OidIsValid(get_extension_oid(DSM_EXTENSION_NAME, true)) &&
+		OidIsValid(get_namespace_oid("dsmapper", true));
+}
+
+static void
+enter_identity(DsmIdentity *id, Oid role, const char *search_path)
+{
+	GetUserIdAndSecContext(&id->saved_userid, &id->saved_sec_context);
+	SetUserIdAndSecContext(role,
+						   id->saved_sec_context | SECURITY_LOCAL_USERID_CHANGE);
+	id->guc_nestlevel = NewGUCNestLevel();
+	(void) set_config_option("search_path", search_path,
+							 PGC_USERSET, PGC_S_SESSION,
+							 GUC_ACTION_SAVE, true, 0, false);
+}
+
+/*
+ * dsm_enter_internal switches to the extension owner with a pinned
+ * search_path.  Inside a transaction; pair with dsm_leave.
+ */
+void
+dsm_enter_internal(DsmIdentity *id)
+{
+	enter_identity(id, dsm_extension_owner(), "pg_catalog, pg_temp");
+}
+
+/*
+ * dsm_enter_owner switches to a job's owner and its launch-time
+ * search_path.  Inside a transaction; pair with dsm_leave.
+ */
+void
+dsm_enter_owner(DsmIdentity *id, Oid owner, const char *search_path)
+{
+	enter_identity(id, owner, search_path);
+}
+
+/*
+ * dsm_leave undoes dsm_enter_internal or dsm_enter_owner.
+ */
+void
+dsm_leave(DsmIdentity *id)
+{
+	AtEOXact_GUC(true, id->guc_nestlevel);
+	SetUserIdAndSecContext(id->saved_userid, id->saved_sec_context);
+}
+
+/*
+ * dsm_spi_int64 runs a query and returns its first column of its first row
+ * as int64; *found tells whether there was a row with a non-NULL value.
+ * SPI must be connected.
+ */
+int64
+dsm_spi_int64(const char *sql, int nargs, Oid *types, Datum *values,
+			  bool *found)
+{
+	int			rc;
+	bool		isnull = true;
+	Datum		d = (Datum) 0;
+
+	rc = SPI_execute_with_args(sql, nargs, types, values, NULL, false, 0);
+	if (rc < 0)
+		elog(ERROR, "dsmapper: SPI_execute failed (%d): %s", rc, sql);
+
+	if (SPI_processed > 0 && SPI_tuptable != NULL)
+		d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1,
+						  &isnull);
+	if (found)
+		*found = !isnull;
+	if (isnull)
+		return 0;
+
+	switch (SPI_gettypeid(SPI_tuptable->tupdesc, 1))
+	{
+		case INT2OID:
+			return DatumGetInt16(d);
+		case INT4OID:
+			return DatumGetInt32(d);
+		case INT8OID:
+			return DatumGetInt64(d);
+		case BOOLOID:
+			return DatumGetBool(d) ? 1 : 0;
+		default:
+			elog(ERROR, "dsmapper: unexpected result type");
+	}
+	return 0;
+}
+
+/*
+ * dsm_spi_exec runs a statement and checks its result code.  SPI must be
+ * connected.
+ */
+void
+dsm_spi_exec(const char *sql, int nargs, Oid *types, Datum *values,
+			 int expected)
+{
+	int			rc;
+
+	rc = SPI_execute_with_args(sql, nargs, types, values, NULL, false, 0);
+	if (rc != expected)
+		elog(ERROR, "dsmapper: SPI_execute returned %d: %s", rc, sql);
+}
+
+/*
+ * dsm_text_array_datum builds a text[] from a List of C strings.
+ */
+Datum
+dsm_text_array_datum(List *strings)
+{
+	int			n = list_length(strings);
+	Datum	   *elems = palloc(sizeof(Datum) * Max(n, 1));
+	int			i = 0;
+	ListCell   *lc;
+
+	foreach(lc, strings)
+		elems[i++] = CStringGetTextDatum((char *) lfirst(lc));
+	return PointerGetDatum(construct_array(elems, n, TEXTOID, -1, false,
+										   TYPALIGN_INT));
+}
+
+/*
+ * dsm_text_array_list returns the elements of a text[] as a List of C
+ * strings, in the current memory context.
+ */
+List *
+dsm_text_array_list(Datum array)
+{
+	ArrayType  *arr = DatumGetArrayTypeP(array);
+	Datum	   *elems;
+	bool	   *nulls;
+	int			n;
+	List	   *result = NIL;
+
+	deconstruct_array(arr, TEXTOID, -1, false, TYPALIGN_INT,
+					  &elems, &nulls, &n);
+	for (int i = 0; i < n; i++)
+		result = lappend(result, nulls[i] ? NULL : TextDatumGetCString(elems[i]));
+	return result;
+}
+
+static char *
+spi_text(HeapTuple tuple, TupleDesc desc, int col)
+{
+	bool		isnull;
+	Datum		d = SPI_getbinval(tuple, desc, col, &isnull);
+
+	return isnull ? NULL : TextDatumGetCString(d);
+}
+
+/*
+ * dsm_load_job reads a job row; NULL when it does not exist.  With
+ * lock_row the row is locked FOR UPDATE, which serializes job state
+ * changes.  SPI connected, internal identity; the result is allocated in
+ * mcxt, which should outlive SPI_finish.
+ */
+DsmJob *
+dsm_load_job(int64 job_id, bool lock_row, MemoryContext mcxt)
+{
+	Oid			types[1] = {INT8OID};
+	Datum		values[1] = {Int64GetDatum(job_id)};
+	HeapTuple	tuple;
+	TupleDesc	desc;
+	DsmJob	   *job;
+	bool		isnull;
+	int			rc;
+	MemoryContext oldcxt;
+
+	rc = SPI_execute_with_args(psprintf(
+			"SELECT mapper, relation, relation_name, key_columns, mode,"
+			" params::text, shards_wanted, page_size, filter, pages_per_task,"
+			" (extract(epoch FROM task_duration) * 1000)::int8,"
+			" track_progress, max_attempts, owner, search_path, state,"
+			" started"
+			" FROM dsmapper.job WHERE job_id OPERATOR(pg_catalog.=) $1%s",
+			lock_row ? " FOR UPDATE" : ""),
+			1, types, values, NULL, false, 1);
+	if (rc != SPI_OK_SELECT)
+		elog(ERROR, "dsmapper: could not read job " INT64_FORMAT, job_id);
+	if (SPI_processed == 0)
+		return NULL;
+
+	tuple = SPI_tuptable->vals[0];
+	desc = SPI_tuptable->tupdesc;
+
+	oldcxt = MemoryContextSwitchTo(mcxt);
+	job = palloc0(sizeof(DsmJob));
+	job->job_id = job_id;
+	job->mapper = spi_text(tuple, desc, 1);
+	job->relid = DatumGetObjectId(SPI_getbinval(tuple, desc, 2, &isnull));
+	job->relation_name = spi_text(tuple, desc, 3);
+	job->key_columns = dsm_text_array_list(SPI_getbinval(tuple, desc, 4, &isnull));
+	job->rows_mode = strcmp(spi_text(tuple, desc, 5), "rows") == 0;
+	job->params = spi_text(tuple, desc, 6);
+	job->shards_wanted = DatumGetInt32(SPI_getbinval(tuple, desc, 7, &isnull));
+	job->page_size = DatumGetInt32(SPI_getbinval(tuple, desc, 8, &isnull));
+	job->filter = spi_text(tuple, desc, 9);
+	job->pages_per_task = DatumGetInt32(SPI_getbinval(tuple, desc, 10, &isnull));
+	job->task_duration_ms = DatumGetInt64(SPI_getbinval(tuple, desc, 11, &isnull));
+	job->track_progress = DatumGetBool(SPI_getbinval(tuple, desc, 12, &isnull));
+	job->max_attempts = DatumGetInt32(SPI_getbinval(tuple, desc, 13, &isnull));
+	job->owner = DatumGetObjectId(SPI_getbinval(tuple, desc, 14, &isnull));
+	job->search_path = spi_text(tuple, desc, 15);
+	job->state = spi_text(tuple, desc, 16);
+	job->started = DatumGetTimestampTz(SPI_getbinval(tuple, desc, 17, &isnull));
+	if (isnull)
+		job->started = 0;
+	MemoryContextSwitchTo(oldcxt);
+
+	return job;
+}
+
+/*
+ * dsm_primary_key describes the primary key of an open relation, or
+ * returns NULL (missing_ok) or errors when it has none.  Allocated in the
+ * current memory context.
+ */
+DsmKey *
+dsm_primary_key(Relation rel, bool missing_ok)
+{
+	Oid			indexoid = RelationGetPrimaryKeyIndex(rel);
+	Relation	index;
+	DsmKey	   *key;
+	TupleDesc	desc = RelationGetDescr(rel);
+
+	if (!OidIsValid(indexoid))
+	{
+		if (missing_ok)
+			return NULL;
+		ereport(ERROR,
+				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+				 errmsg("relation \"%s\" has no primary key",
+						RelationGetRelationName(rel)),
+				 errdetail("dsmapper splits and pages a table by its primary key."),
+				 errhint("Add a primary key to the table.")));
+	}
+
+	index = index_open(indexoid, AccessShareLock);
+	key = palloc0(sizeof(DsmKey));
+	key->natts = index->rd_index->indnkeyatts;
+	key->attnums = palloc(sizeof(AttrNumber) * key->natts);
+	key->typids = palloc(sizeof(Oid) * key->natts);
+	key->collations = palloc(sizeof(Oid) * key->natts);
+	key->names = palloc(sizeof(char *) * key->natts);
+	key->input_funcs = palloc(sizeof(Oid) * key->natts);
+	key->typioparams = palloc(sizeof(Oid) * key->natts);
+	key->output_funcs = palloc(sizeof(Oid) * key->natts);
+
+	for (int i = 0; i < key->natts; i++)
+	{
+		AttrNumber	attnum = index->rd_index->indkey.values[i];
+		Form_pg_attribute attr = TupleDescAttr(desc, attnum - 1);
+		bool		varlena;
+
+		key->attnums[i] = attnum;
+		key->typids[i] = attr->atttypid;
+		key->collations[i] = index->rd_indcollation[i];
+		key->names[i] = pstrdup(quote_identifier(NameStr(attr->attname)));
+		getTypeInputInfo(attr->atttypid, &key->input_funcs[i],
+						 &key->typioparams[i]);
+		getTypeOutputInfo(attr->atttypid, &key->output_funcs[i], &varlena);
+	}
+	index_close(index, AccessShareLock);
+
+	return key;
+}
+
+/*
+ * dsm_key_list_sql renders the key columns as "prefix.a, prefix.b"
+ * (prefix may be NULL).
+ */
+char *
+dsm_key_list_sql(DsmKey *key, const char *prefix)
+{
+	StringInfoData buf;
+
+	initStringInfo(&buf);
+	for (int i = 0; i < key->natts; i++)
+		appendStringInfo(&buf, "%s%s%s%s", i > 0 ? ", " : "",
+						 prefix ? prefix : "", prefix ? "." : "",
+						 key->names[i]);
+	return buf.data;
+}
+
+/*
+ * dsm_quoted_relation_name returns schema.table, both quoted, or errors if
+ * the relation no longer exists.
+ */
+char *
+dsm_quoted_relation_name(Oid relid)
+{
+	char	   *relname = get_rel_name(relid);
+	char	   *nspname;
+
+	if (relname == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_TABLE),
+				 errmsg("relation with OID %u does not exist", relid)));
+	nspname = get_namespace_name(get_rel_namespace(relid));
+	return quote_qualified_identifier(nspname, relname);
+}
+
+/*
+ * dsm_check_filter_syntax makes sure a filter is one plain SQL expression,
+ * so that it cannot change the shape of the queries it is embedded in.
+ * Columns and type are checked later by preparing a real query.
+ */
+void
+dsm_check_filter_syntax(const char *filter)
+{
+	List	   *stmts;
+	RawStmt    *raw;
+	SelectStmt *select;
+	ResTarget  *target;
+	bool		plain = false;
+
+	stmts = raw_parser(psprintf("SELECT (%s\n)", filter), RAW_PARSE_DEFAULT);
+
+	if (list_length(stmts) == 1)
+	{
+		raw = linitial_node(RawStmt, stmts);
+		if (IsA(raw->stmt, SelectStmt))
+		{
+			select = (SelectStmt *) raw->stmt;
+			plain = select->op == SETOP_NONE &&
+				list_length(select->targetList) == 1 &&
+				select->fromClause == NIL &&
+				select->whereClause == NULL &&
+				select->groupClause == NIL &&
+				select->havingClause == NULL &&
+				select->windowClause == NIL &&
+				select->valuesLists == NIL &&
+				select->sortClause == NIL &&
+				select->limitCount == NULL &&
+				select->limitOffset == NULL &&
+				select->lockingClause == NIL &&
+				select->withClause == NULL &&
+				select->distinctClause == NIL &&
+				select->intoClause == NULL;
+			if (plain)
+			{
+				target = linitial_node(ResTarget, select->targetList);
+				plain = target->name == NULL;
+			}
+		}
+	}
+
+	if (!plain)
+		ereport(ERROR,
+				(errcode(ERRCODE_SYNTAX_ERROR),
+				 errmsg("filter must be a single SQL expression"),
+				 errdetail("The filter was: %s", filter),
+				 errhint("Write a boolean expression over the table's columns, such as \"status = 'new'\".")));
+}
+
+static void
+set_task_locktag(LOCKTAG *tag, int64 job_id, int32 shard)
+{
+	/*
+	 * An advisory lock tag with our own field4, so it can never collide
+	 * with pg_advisory_lock() keys.  XXX: job ids above 2^32 share lock
+	 * tags with lower ids; that only costs a skipped claim.
+	 */
+	SET_LOCKTAG_ADVISORY(*tag, MyDatabaseId, (uint32) job_id, (uint32) shard,
+						 DSM_LOCK_SPACE);
+}
+
+/*
+ * dsm_lock_task takes the claim lock of a task (a shard, or the split task
+ * of a job).  A session lock outlives transactions and is what a worker
+ * holds for a turn; a transaction lock is what the API takes to settle a
+ * shard nobody works on.  Returns false if not available and !wait.
+ */
+bool
+dsm_lock_task(int64 job_id, int32 shard, bool session, bool wait)
+{
+	LOCKTAG		tag;
+
+	set_task_locktag(&tag, job_id, shard);
+	return LockAcquire(&tag, ExclusiveLock, session, !wait) !=
+		LOCKACQUIRE_NOT_AVAIL;
+}
+
+/*
+ * dsm_unlock_task releases a session claim lock.
+ */
+void
+dsm_unlock_task(int64 job_id, int32 shard)
+{
+	LOCKTAG		tag;
+
+	set_task_locktag(&tag, job_id, shard);
+	LockRelease(&tag, ExclusiveLock, true);
+}
+
+bool
+dsm_is_final_job_state(const char *state)
+{
+	return strcmp(state, "succeeded") == 0 ||
+		strcmp(state, "failed") == 0 ||
+		strcmp(state, "aborted") == 0;
+}

@@ -1,0 +1,254 @@
+/*-------------------------------------------------------------------------
+ *
+ * shmem.c
+ *		Shared memory of dsmapper: worker slots and per-database demand.
+ *
+ * Locking: every field of DsmShared is protected by DsmShared->lock, except
+ * the condition variable, which has its own.  Latches are only set, never
+ * waited on, by processes other than their owner.
+ *
+ * Wake-ups are sent after commit (see dsm_request_wakeup_at_commit), so a
+ * worker that wakes always sees the work in its next snapshot.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "dsmapper.h"
+
+#include "access/xact.h"
+#include "miscadmin.h"
+#include "storage/ipc.h"
+#include "storage/shmem.h"
+
+DsmShared  *dsm_shared = NULL;
+
+static shmem_request_hook_type prev_shmem_request_hook = NULL;
+static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
+
+static bool wakeup_pending = false;
+static bool state_change_pending = false;
+static bool xact_callback_registered = false;
+
+static Size
+dsm_shmem_size(void)
+{
+	return add_size(offsetof(DsmShared, slots),
+					mul_size(sizeof(DsmWorkerSlot), dsm_max_workers));
+}
+
+/*
+ * dsm_shmem_request asks the postmaster for our memory and lock.  Runs in
+ * the postmaster via shmem_request_hook.
+ */
+void
+dsm_shmem_request(void)
+{
+	if (prev_shmem_request_hook)
+		prev_shmem_request_hook();
+
+	RequestAddinShmemSpace(dsm_shmem_size());
+	RequestNamedLWLockTranche("dsmapper", 1);
+}
+
+/*
+ * dsm_shmem_startup attaches to (or creates) the shared state.  Runs in the
+ * postmaster at start and after every crash restart, which is what resets
+ * the slots after a crash.
+ */
+static void
+dsm_shmem_startup(void)
+{
+	bool		found;
+
+	if (prev_shmem_startup_hook)
+		prev_shmem_startup_hook();
+
+	LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
+	dsm_shared = ShmemInitStruct("dsmapper", dsm_shmem_size(), &found);
+	if (!found)
+	{
+		memset(dsm_shared, 0, dsm_shmem_size());
+		dsm_shared->lock = &(GetNamedLWLockTranche("dsmapper"))->lock;
+		dsm_shared->nslots = dsm_max_workers;
+		dsm_shared->next_incarnation = 1;
+		ConditionVariableInit(&dsm_shared->job_state_cv);
+	}
+	LWLockRelease(AddinShmemInitLock);
+}
+
+/*
+ * dsm_shmem_install_hooks is called from _PG_init while preloading.
+ */
+void
+dsm_shmem_install_hooks(void)
+{
+	prev_shmem_request_hook = shmem_request_hook;
+	shmem_request_hook = dsm_shmem_request;
+	prev_shmem_startup_hook = shmem_startup_hook;
+	shmem_startup_hook = dsm_shmem_startup;
+}
+
+/*
+ * dsm_workers_available tells whether background workers can pick up work
+ * in this cluster: the library was preloaded and max_workers is positive.
+ */
+bool
+dsm_workers_available(void)
+{
+	return dsm_shared != NULL && dsm_shared->nslots > 0;
+}
+
+/*
+ * dsm_find_database returns the entry of a database, creating it when asked
+ * and there is room.  Caller holds dsm_shared->lock exclusively (or shared
+ * when create is false).
+ */
+DsmDatabase *
+dsm_find_database(Oid dboid, bool create)
+{
+	DsmDatabase *free_entry = NULL;
+
+	for (int i = 0; i < DSM_MAX_DATABASES; i++)
+	{
+		DsmDatabase *db = &dsm_shared->databases[i];
+
+		if (db->dboid == dboid)
+			return db;
+		if (db->dboid == InvalidOid && free_entry == NULL)
+			free_entry = db;
+	}
+
+	if (!create)
+		return NULL;
+
+	if (free_entry == NULL)
+	{
+		/* Reuse an entry that wants nothing and has no live worker. */
+		for (int i = 0; i < DSM_MAX_DATABASES && free_entry == NULL; i++)
+		{
+			DsmDatabase *db = &dsm_shared->databases[i];
+			bool		has_worker = false;
+
+			if (db->wanted > 0 || db->probe)
+				continue;
+			for (int s = 0; s < dsm_shared->nslots; s++)
+				if (dsm_shared->slots[s].state != DSM_SLOT_FREE &&
+					dsm_shared->slots[s].dboid == db->dboid)
+					has_worker = true;
+			if (!has_worker)
+				free_entry = db;
+		}
+	}
+
+	if (free_entry != NULL)
+	{
+		memset(free_entry, 0, sizeof(DsmDatabase));
+		free_entry->dboid = dboid;
+	}
+	return free_entry;
+}
+
+/*
+ * dsm_wake_database tells the workers of a database that new work was
+ * committed: it bumps the generation, sets the latch of every idle worker
+ * there, and wakes the launcher when the database has no live worker.
+ * Callable from any backend; a no-op without shared memory.
+ */
+void
+dsm_wake_database(Oid dboid)
+{
+	DsmDatabase *db;
+	int			live = 0;
+	bool		wake_launcher = false;
+
+	if (!dsm_workers_available())
+		return;
+
+	LWLockAcquire(dsm_shared->lock, LW_EXCLUSIVE);
+	db = dsm_find_database(dboid, true);
+	if (db == NULL)
+	{
+		dsm_shared->databases_overflowed = true;
+		wake_launcher = true;
+	}
+	else
+	{
+		db->generation++;
+		if (db->wanted < 1)
+			db->wanted = 1;
+
+		for (int i = 0; i < dsm_shared->nslots; i++)
+		{
+			DsmWorkerSlot *slot = &dsm_shared->slots[i];
+
+			if (slot->dboid != dboid)
+				continue;
+			if (slot->state == DSM_SLOT_STARTING ||
+				slot->state == DSM_SLOT_BUSY ||
+				slot->state == DSM_SLOT_IDLE)
+				live++;
+			if (slot->state == DSM_SLOT_IDLE && slot->latch != NULL)
+				SetLatch(slot->latch);
+		}
+		if (live == 0)
+			wake_launcher = true;
+	}
+	if (wake_launcher && dsm_shared->launcher_latch != NULL)
+		SetLatch(dsm_shared->launcher_latch);
+	LWLockRelease(dsm_shared->lock);
+}
+
+static void
+dsm_xact_callback(XactEvent event, void *arg)
+{
+	switch (event)
+	{
+		case XACT_EVENT_COMMIT:
+		case XACT_EVENT_PARALLEL_COMMIT:
+			if (wakeup_pending)
+				dsm_wake_database(MyDatabaseId);
+			if (state_change_pending && dsm_shared != NULL)
+				ConditionVariableBroadcast(&dsm_shared->job_state_cv);
+			wakeup_pending = false;
+			state_change_pending = false;
+			break;
+		case XACT_EVENT_ABORT:
+		case XACT_EVENT_PARALLEL_ABORT:
+			wakeup_pending = false;
+			state_change_pending = false;
+			break;
+		default:
+			break;
+	}
+}
+
+static void
+dsm_register_xact_callback(void)
+{
+	if (!xact_callback_registered)
+	{
+		RegisterXactCallback(dsm_xact_callback, NULL);
+		xact_callback_registered = true;
+	}
+}
+
+/*
+ * dsm_request_wakeup_at_commit arranges for the workers of this database to
+ * be woken when the current transaction commits.  Inside a transaction.
+ */
+void
+dsm_request_wakeup_at_commit(void)
+{
+	dsm_register_xact_callback();
+	wakeup_pending = true;
+}
+
+/*
+ * dsm_announce_job_state_change wakes dsmapper_wait() callers when the
+ * current transaction commits.  Inside a transaction.
+ */
+void
+dsm_announce_job_state_change(void)
+{
+	dsm_register_xact_callback();
+	state_change_pending = true;
+}

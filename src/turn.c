@@ -1,0 +1,936 @@
+/*-------------------------------------------------------------------------
+ *
+ * turn.c
+ *		One turn of a task: split a job, or map pages of one shard.
+ *
+ * A turn runs with the task's claim lock held (queue.c).  Each page is one
+ * transaction (in a worker) or one subtransaction (in dsmapper_run, inside
+ * the caller's transaction):
+ *
+ *	1. read the job's state; stop at this page boundary unless running;
+ *	2. as the owner, read the next page of keys above the checkpoint;
+ *	3. as the owner, call the mapper with the keys (or rows) and params;
+ *	4. write the new checkpoint and the row count;
+ *	5. commit, so the mapper's effects and the checkpoint are atomic.
+ *
+ * An error rolls the page back.  Transient errors (SQLSTATE classes 40, 53,
+ * 08, and 55P03, 57014) put the shard back in the queue after a backoff;
+ * any other error, or too many attempts, fails the shard.  Either way the
+ * error is recorded in dsmapper.shard, with the page's first and last key.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "dsmapper.h"
+
+#include "access/table.h"
+#include "access/xact.h"
+#include "catalog/pg_proc.h"
+#include "catalog/pg_type.h"
+#include "common/pg_prng.h"
+#include "executor/spi.h"
+#include "miscadmin.h"
+#include "parser/parse_coerce.h"
+#include "pgstat.h"
+#include "utils/acl.h"
+#include "utils/array.h"
+#include "postmaster/interrupt.h"
+#include "utils/builtins.h"
+#include "utils/datum.h"
+#include "utils/lsyscache.h"
+#include "utils/memutils.h"
+#include "utils/rel.h"
+#include "utils/resowner.h"
+#include "utils/snapmgr.h"
+#include "utils/syscache.h"
+#include "utils/timestamp.h"
+
+int64		dsm_current_job_id = 0;
+int32		dsm_current_shard_index = -1;
+
+/* State of one turn, allocated in its own memory context. */
+typedef struct TurnState
+{
+	MemoryContext cxt;
+	bool		in_session;
+	MemoryContext caller_cxt;	/* session mode: restore after subxacts */
+	ResourceOwner caller_owner;
+	int64		job_id;
+	int32		shard;
+	DsmJob	   *job;
+	DsmKey	   *key;
+	FmgrInfo	flinfo;
+	Oid			elem_type;
+	int16		elem_len;
+	bool		elem_byval;
+	char		elem_align;
+	Datum		params;
+	char	   *select_list;	/* key columns [, whole row] */
+	char	   *from_clause;	/* quoted relation and alias */
+	List	   *range_end;		/* text per key column, NIL: unbounded */
+	List	   *resume;			/* last committed key, or range_start */
+	char	   *first_key;		/* of the current page, for errors */
+	char	   *last_key;
+} TurnState;
+
+/*
+ * Transactions of a turn.  In a worker each page is a transaction of its
+ * own; in a session it is a subtransaction that the caller's commit makes
+ * durable.
+ */
+static void
+page_begin(TurnState *ts)
+{
+	if (ts->in_session)
+		BeginInternalSubTransaction(NULL);
+	else
+	{
+		SetCurrentStatementStartTimestamp();
+		StartTransactionCommand();
+	}
+	PushActiveSnapshot(GetTransactionSnapshot());
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "dsmapper: SPI_connect failed");
+}
+
+static void
+page_commit(TurnState *ts)
+{
+	SPI_finish();
+	PopActiveSnapshot();
+	if (ts->in_session)
+	{
+		ReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(ts->caller_cxt);
+		CurrentResourceOwner = ts->caller_owner;
+	}
+	else
+		CommitTransactionCommand();
+	MemoryContextSwitchTo(ts->cxt);
+}
+
+/*
+ * page_abort rolls back the current page after an error was caught and
+ * returns the error, copied into the turn's context.
+ */
+static ErrorData *
+page_abort(TurnState *ts)
+{
+	ErrorData  *edata;
+
+	MemoryContextSwitchTo(ts->cxt);
+	edata = CopyErrorData();
+	FlushErrorState();
+
+	dsm_current_job_id = 0;
+	dsm_current_shard_index = -1;
+
+	if (ts->in_session)
+	{
+		RollbackAndReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(ts->caller_cxt);
+		CurrentResourceOwner = ts->caller_owner;
+	}
+	else
+		AbortCurrentTransaction();
+	MemoryContextSwitchTo(ts->cxt);
+	return edata;
+}
+
+/*
+ * is_transient_error tells whether an error should be retried: the
+ * SQLSTATE classes 40 (transaction rollback), 53 (insufficient
+ * resources), 08 (connection), and lock_not_available, query_canceled.
+ */
+static bool
+is_transient_error(int sqlerrcode)
+{
+	switch (ERRCODE_TO_CATEGORY(sqlerrcode))
+	{
+		case ERRCODE_TRANSACTION_ROLLBACK:
+		case ERRCODE_INSUFFICIENT_RESOURCES:
+		case ERRCODE_CONNECTION_EXCEPTION:
+			return true;
+		default:
+			break;
+	}
+	return sqlerrcode == ERRCODE_LOCK_NOT_AVAILABLE ||
+		sqlerrcode == ERRCODE_QUERY_CANCELED;
+}
+
+/*
+ * backoff_ms is the delay before attempt number attempts + 1: about 1 s,
+ * doubling, capped at 5 minutes, with +-25% jitter.
+ */
+static int64
+backoff_ms(int attempts)
+{
+	double		delay = 1000.0;
+
+	for (int i = 1; i < attempts && delay < 300000.0; i++)
+		delay *= 2;
+	delay = Min(delay, 300000.0);
+	return (int64) (delay * (0.75 + 0.5 * pg_prng_double(&pg_global_prng_state)));
+}
+
+/*
+ * record_failure stores a page's error on its shard, then either queues the
+ * shard for a retry or fails it.  Runs in a transaction of its own.
+ */
+static void
+record_failure(TurnState *ts, ErrorData *edata)
+{
+	bool		transient = is_transient_error(edata->sqlerrcode);
+	const char *sqlstate = unpack_sql_state(edata->sqlerrcode);
+	Oid			types[6] = {INT8OID, INT4OID, TEXTOID, TEXTOID, TEXTOID, TEXTOID};
+	Datum		values[6];
+	char		nulls[6] = {' ', ' ', ' ', ' ', ' ', ' '};
+	DsmIdentity internal;
+	int			attempts;
+	int			max_attempts = ts->job ? ts->job->max_attempts : 10;
+	bool		found;
+	bool		failed;
+
+	values[0] = Int64GetDatum(ts->job_id);
+	values[1] = Int32GetDatum(ts->shard);
+	values[2] = CStringGetTextDatum(edata->message ? edata->message : "unknown error");
+	values[3] = CStringGetTextDatum(sqlstate);
+	if (ts->first_key)
+		values[4] = CStringGetTextDatum(ts->first_key);
+	else
+		nulls[4] = 'n';
+	if (ts->last_key)
+		values[5] = CStringGetTextDatum(ts->last_key);
+	else
+		nulls[5] = 'n';
+
+	page_begin(ts);
+	dsm_enter_internal(&internal);
+
+	if (SPI_execute_with_args("UPDATE dsmapper.shard SET"
+							  " attempts = attempts OPERATOR(pg_catalog.+) 1,"
+							  " error = $3, error_sqlstate = $4,"
+							  " error_first_key = $5, error_last_key = $6,"
+							  " updated = pg_catalog.clock_timestamp()"
+							  " WHERE job_id OPERATOR(pg_catalog.=) $1"
+							  " AND shard OPERATOR(pg_catalog.=) $2"
+							  " RETURNING attempts",
+							  6, types, values, nulls, false, 0) != SPI_OK_UPDATE_RETURNING)
+		elog(ERROR, "dsmapper: could not record a page failure");
+	found = SPI_processed > 0;
+	attempts = found ? DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0],
+												   SPI_tuptable->tupdesc, 1,
+												   &found)) : 0;
+
+	failed = !transient || attempts >= max_attempts;
+	if (failed)
+		dsm_finish_shard(ts->job_id, ts->shard, "failed");
+	else
+	{
+		Oid			qtypes[3] = {INT8OID, INT4OID, INT8OID};
+		Datum		qvalues[3] = {Int64GetDatum(ts->job_id),
+		Int32GetDatum(ts->shard), Int64GetDatum(backoff_ms(attempts))};
+
+		dsm_spi_exec("UPDATE dsmapper.queue SET ready_at ="
+					 " pg_catalog.clock_timestamp() OPERATOR(pg_catalog.+)"
+					 " pg_catalog.make_interval(secs => $3 OPERATOR(pg_catalog./) 1000.0)"
+					 " WHERE job_id OPERATOR(pg_catalog.=) $1"
+					 " AND shard OPERATOR(pg_catalog.=) $2",
+					 3, qtypes, qvalues, SPI_OK_UPDATE);
+	}
+
+	dsm_leave(&internal);
+	page_commit(ts);
+
+	ereport(LOG,
+			(errmsg("dsmapper job " INT64_FORMAT " shard %d %s: %s",
+					ts->job_id, ts->shard,
+					failed ? "failed" : "will retry a page",
+					edata->message ? edata->message : "unknown error"),
+			 errdetail("SQLSTATE %s, attempt %d of %d%s%s%s%s.",
+					   sqlstate, attempts, max_attempts,
+					   ts->first_key ? ", keys " : "",
+					   ts->first_key ? ts->first_key : "",
+					   ts->first_key ? " to " : "",
+					   ts->last_key ? ts->last_key : ""),
+			 errhidestmt(true)));
+}
+
+/*
+ * key_text renders a key as dsmapper.key_text() does: one column as is,
+ * several as a row literal.
+ */
+static char *
+key_text(List *strings)
+{
+	StringInfoData buf;
+	ListCell   *lc;
+
+	if (list_length(strings) == 1)
+		return pstrdup(linitial(strings));
+	initStringInfo(&buf);
+	appendStringInfoChar(&buf, '(');
+	foreach(lc, strings)
+		appendStringInfo(&buf, "%s%s", foreach_current_index(lc) > 0 ? "," : "",
+						 (char *) lfirst(lc));
+	appendStringInfoChar(&buf, ')');
+	return buf.data;
+}
+
+/*
+ * resolve_mapper checks everything a turn depends on that may have vanished
+ * or changed since launch, and prepares the turn's function call and query
+ * text.  Internal identity, SPI connected.
+ */
+static void
+resolve_mapper(TurnState *ts)
+{
+	DsmJob	   *job = ts->job;
+	Oid			types[1] = {TEXTOID};
+	Datum		values[1] = {CStringGetTextDatum(job->mapper)};
+	bool		found;
+	Oid			fn;
+	HeapTuple	proctup;
+	Form_pg_proc proc;
+	Relation	rel;
+	MemoryContext old;
+	ListCell   *lc;
+	int			i;
+
+	/* The owner, the mapper registration and its function. */
+	if (!SearchSysCacheExists1(AUTHOID, ObjectIdGetDatum(job->owner)))
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("role of job owner (OID %u) no longer exists", job->owner)));
+
+	fn = (Oid) dsm_spi_int64("SELECT fn::oid::int8 FROM dsmapper.mapper"
+							 " WHERE mapper OPERATOR(pg_catalog.=) $1",
+							 1, types, values, &found);
+	if (!found)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("mapper \"%s\" is no longer registered", job->mapper)));
+
+	proctup = SearchSysCache1(PROCOID, ObjectIdGetDatum(fn));
+	if (!HeapTupleIsValid(proctup))
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_FUNCTION),
+				 errmsg("function of mapper \"%s\" no longer exists", job->mapper)));
+	proc = (Form_pg_proc) GETSTRUCT(proctup);
+	if (proc->pronargs != 2 || proc->proargtypes.values[1] != JSONBOID ||
+		!OidIsValid(get_element_type(proc->proargtypes.values[0])))
+	{
+		ReleaseSysCache(proctup);
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_FUNCTION_DEFINITION),
+				 errmsg("function of mapper \"%s\" no longer has a mapper signature",
+						job->mapper),
+				 errhint("A mapper takes (an array of keys or rows, jsonb).")));
+	}
+	ts->elem_type = get_element_type(proc->proargtypes.values[0]);
+	ReleaseSysCache(proctup);
+
+	/* The relation and its primary key, unchanged since launch. */
+	if (get_rel_name(job->relid) == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_TABLE),
+				 errmsg("relation \"%s\" no longer exists", job->relation_name)));
+
+	old = MemoryContextSwitchTo(ts->cxt);
+	rel = table_open(job->relid, AccessShareLock);
+	ts->key = dsm_primary_key(rel, true);
+	if (ts->key == NULL || ts->key->natts != list_length(job->key_columns))
+	{
+		table_close(rel, AccessShareLock);
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("primary key of relation \"%s\" changed since the job was launched",
+						job->relation_name)));
+	}
+	i = 0;
+	foreach(lc, job->key_columns)
+	{
+		if (strcmp(quote_identifier((char *) lfirst(lc)), ts->key->names[i++]) != 0)
+		{
+			table_close(rel, AccessShareLock);
+			ereport(ERROR,
+					(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+					 errmsg("primary key of relation \"%s\" changed since the job was launched",
+							job->relation_name)));
+		}
+	}
+	if (job->rows_mode ? ts->elem_type != rel->rd_rel->reltype
+		: !IsBinaryCoercible(ts->key->typids[0], ts->elem_type))
+	{
+		table_close(rel, AccessShareLock);
+		ereport(ERROR,
+				(errcode(ERRCODE_DATATYPE_MISMATCH),
+				 errmsg("function of mapper \"%s\" no longer accepts the %s of relation \"%s\"",
+						job->mapper, job->rows_mode ? "rows" : "keys",
+						job->relation_name)));
+	}
+	table_close(rel, AccessShareLock);
+
+	/* The owner may still read the table and call the function. */
+	if (pg_class_aclcheck(job->relid, job->owner, ACL_SELECT) != ACLCHECK_OK)
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("job owner %s no longer has SELECT privilege on relation \"%s\"",
+						GetUserNameFromId(job->owner, true) ?
+						GetUserNameFromId(job->owner, true) : "?",
+						job->relation_name)));
+	if (pg_proc_aclcheck(fn, job->owner, ACL_EXECUTE) != ACLCHECK_OK)
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("job owner %s no longer has EXECUTE privilege on the function of mapper \"%s\"",
+						GetUserNameFromId(job->owner, true) ?
+						GetUserNameFromId(job->owner, true) : "?",
+						job->mapper)));
+
+	/* Prepare the call and the page query. */
+	fmgr_info_cxt(fn, &ts->flinfo, ts->cxt);
+	get_typlenbyvalalign(ts->elem_type, &ts->elem_len, &ts->elem_byval,
+						 &ts->elem_align);
+	ts->params = datumCopy(DirectFunctionCall1(jsonb_in,
+											   CStringGetDatum(job->params)),
+						   false, -1);
+	ts->select_list = psprintf("%s%s", dsm_key_list_sql(ts->key, "__dsmapper_row"),
+							   job->rows_mode ? ", __dsmapper_row" : "");
+	ts->from_clause = psprintf("%s AS __dsmapper_row",
+							   dsm_quoted_relation_name(job->relid));
+	MemoryContextSwitchTo(old);
+}
+
+/*
+ * bound_params appends "(cols) op ($n, ...)" to buf and the key's values to
+ * the parameter arrays.  Internal identity (for the text to key input).
+ */
+static void
+bound_params(TurnState *ts, StringInfo buf, const char *op, List *strings,
+			 Oid *types, Datum *values, int *nargs)
+{
+	ListCell   *lc;
+
+	appendStringInfo(buf, " AND (%s) %s (", dsm_key_list_sql(ts->key, "__dsmapper_row"), op);
+	foreach(lc, strings)
+	{
+		int			c = foreach_current_index(lc);
+
+		types[*nargs] = ts->key->typids[c];
+		values[*nargs] = OidInputFunctionCall(ts->key->input_funcs[c],
+											  (char *) lfirst(lc),
+											  ts->key->typioparams[c], -1);
+		(*nargs)++;
+		appendStringInfo(buf, "%s$%d", c > 0 ? ", " : "", *nargs);
+	}
+	appendStringInfoChar(buf, ')');
+}
+
+/*
+ * row_key_strings returns the key of a page row as text, one element per
+ * column.  Internal identity.
+ */
+static List *
+row_key_strings(TurnState *ts, HeapTuple tuple, TupleDesc desc)
+{
+	List	   *result = NIL;
+
+	for (int c = 0; c < ts->key->natts; c++)
+	{
+		bool		isnull;
+		Datum		d = SPI_getbinval(tuple, desc, c + 1, &isnull);
+
+		result = lappend(result, OidOutputFunctionCall(ts->key->output_funcs[c], d));
+	}
+	return result;
+}
+
+/*
+ * map_page runs steps 1 to 4 of a page (see the file header).  Returns the
+ * number of rows mapped; *done is set when the shard has no further page or
+ * the turn must stop because the job is no longer running.  Inside the
+ * page's transaction, SPI connected, internal identity.
+ */
+static int64
+map_page(TurnState *ts, bool *done)
+{
+	DsmJob	   *job = ts->job;
+	Oid			types[2 * INDEX_MAX_KEYS + 1];
+	Datum		values[2 * INDEX_MAX_KEYS + 1];
+	int			nargs = 0;
+	StringInfoData sql;
+	DsmIdentity owner;
+	Oid			jtypes[1] = {INT8OID};
+	Datum		jvalues[1] = {Int64GetDatum(ts->job_id)};
+	char	   *state;
+	int			rc;
+	uint64		n;
+	SPITupleTable *page;
+	List	   *last = NIL;
+
+	/* 1. Is the job still running? */
+	rc = SPI_execute_with_args("SELECT state FROM dsmapper.job"
+							   " WHERE job_id OPERATOR(pg_catalog.=) $1",
+							   1, jtypes, jvalues, NULL, false, 0);
+	if (rc != SPI_OK_SELECT || SPI_processed != 1)
+	{
+		*done = true;
+		return 0;
+	}
+	state = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
+	if (strcmp(state, "running") != 0)
+	{
+		if (strcmp(state, "paused") == 0 || strcmp(state, "aborting") == 0)
+			dsm_settle_shard(ts->job_id, ts->shard, state);
+		*done = true;
+		return 0;
+	}
+
+	/* 2. The next page of keys, read as the owner. */
+	initStringInfo(&sql);
+	appendStringInfo(&sql, "SELECT %s FROM %s WHERE true",
+					 ts->select_list, ts->from_clause);
+	if (ts->resume != NIL)
+		bound_params(ts, &sql, ">", ts->resume, types, values, &nargs);
+	if (ts->range_end != NIL)
+		bound_params(ts, &sql, "<=", ts->range_end, types, values, &nargs);
+	if (job->filter)
+		appendStringInfo(&sql, " AND (%s\n)", job->filter);
+	appendStringInfo(&sql, " ORDER BY %s LIMIT %d",
+					 dsm_key_list_sql(ts->key, "__dsmapper_row"), job->page_size);
+
+	dsm_enter_owner(&owner, job->owner, job->search_path);
+	rc = SPI_execute_with_args(sql.data, nargs, types, values, NULL, false, 0);
+	dsm_leave(&owner);
+	if (rc != SPI_OK_SELECT)
+		elog(ERROR, "dsmapper: could not read a page of relation \"%s\"",
+			 job->relation_name);
+	page = SPI_tuptable;
+	n = SPI_processed;
+
+	/* 3. Call the mapper, as the owner. */
+	if (n > 0)
+	{
+		MemoryContext old;
+		Datum	   *elems = palloc(sizeof(Datum) * n);
+		int			column = job->rows_mode ? ts->key->natts + 1 : 1;
+		ArrayType  *array;
+		LOCAL_FCINFO(fcinfo, 2);
+
+		last = row_key_strings(ts, page->vals[n - 1], page->tupdesc);
+		old = MemoryContextSwitchTo(ts->cxt);
+		ts->first_key = key_text(row_key_strings(ts, page->vals[0], page->tupdesc));
+		ts->last_key = key_text(last);
+		MemoryContextSwitchTo(old);
+
+		for (uint64 i = 0; i < n; i++)
+		{
+			bool		isnull;
+
+			elems[i] = SPI_getbinval(page->vals[i], page->tupdesc, column, &isnull);
+		}
+		array = construct_array(elems, (int) n, ts->elem_type, ts->elem_len,
+								ts->elem_byval, ts->elem_align);
+
+		dsm_enter_owner(&owner, job->owner, job->search_path);
+		dsm_current_job_id = ts->job_id;
+		dsm_current_shard_index = ts->shard;
+
+		InitFunctionCallInfoData(*fcinfo, &ts->flinfo, 2, InvalidOid, NULL, NULL);
+		fcinfo->args[0].value = PointerGetDatum(array);
+		fcinfo->args[0].isnull = false;
+		fcinfo->args[1].value = ts->params;
+		fcinfo->args[1].isnull = false;
+		(void) FunctionCallInvoke(fcinfo);
+
+		dsm_current_job_id = 0;
+		dsm_current_shard_index = -1;
+		dsm_leave(&owner);
+	}
+
+	/* 4. The checkpoint, in the same transaction. */
+	{
+		Oid			ctypes[4] = {INT8OID, INT4OID, TEXTARRAYOID, INT8OID};
+		Datum		cvalues[4];
+		char		cnulls[4] = {' ', ' ', n > 0 ? ' ' : 'n', ' '};
+
+		cvalues[0] = Int64GetDatum(ts->job_id);
+		cvalues[1] = Int32GetDatum(ts->shard);
+		cvalues[2] = n > 0 ? dsm_text_array_datum(last) : (Datum) 0;
+		cvalues[3] = Int64GetDatum((int64) n);
+		rc = SPI_execute_with_args("UPDATE dsmapper.shard SET state = 'running',"
+								   " started = coalesce(started, pg_catalog.clock_timestamp()),"
+								   " resume_from = coalesce($3, resume_from),"
+								   " processed = processed OPERATOR(pg_catalog.+) $4,"
+								   " attempts = 0, error = NULL, error_sqlstate = NULL,"
+								   " error_first_key = NULL, error_last_key = NULL,"
+								   " updated = pg_catalog.clock_timestamp()"
+								   " WHERE job_id OPERATOR(pg_catalog.=) $1"
+								   " AND shard OPERATOR(pg_catalog.=) $2",
+								   4, ctypes, cvalues, cnulls, false, 0);
+		if (rc != SPI_OK_UPDATE)
+			elog(ERROR, "dsmapper: could not write the checkpoint");
+	}
+
+	if (n < (uint64) job->page_size)
+	{
+		dsm_finish_shard(ts->job_id, ts->shard, "succeeded");
+		*done = true;
+	}
+
+	/* Carry the new position into the next page. */
+	if (n > 0)
+	{
+		MemoryContext old = MemoryContextSwitchTo(ts->cxt);
+		List	   *copy = NIL;
+		ListCell   *lc;
+
+		foreach(lc, last)
+			copy = lappend(copy, pstrdup((char *) lfirst(lc)));
+		ts->resume = copy;
+		MemoryContextSwitchTo(old);
+	}
+	return (int64) n;
+}
+
+/*
+ * load_shard reads the job, settles the shard if the job is not running,
+ * and otherwise prepares the turn.  Returns false when there is nothing to
+ * do.  Inside a page transaction, internal identity.
+ */
+static bool
+load_shard(TurnState *ts)
+{
+	Oid			types[2] = {INT8OID, INT4OID};
+	Datum		values[2] = {Int64GetDatum(ts->job_id), Int32GetDatum(ts->shard)};
+	int			rc;
+	HeapTuple	tuple;
+	TupleDesc	desc;
+	bool		isnull;
+	char	   *state;
+	Datum		d;
+	MemoryContext old;
+
+	ts->job = dsm_load_job(ts->job_id, false, ts->cxt);
+	if (ts->job == NULL)
+		return false;
+
+	if (strcmp(ts->job->state, "running") != 0)
+	{
+		if (strcmp(ts->job->state, "paused") == 0 ||
+			strcmp(ts->job->state, "aborting") == 0)
+			dsm_settle_shard(ts->job_id, ts->shard, ts->job->state);
+		return false;
+	}
+
+	rc = SPI_execute_with_args("SELECT state, range_start, range_end, resume_from"
+							   " FROM dsmapper.shard"
+							   " WHERE job_id OPERATOR(pg_catalog.=) $1"
+							   " AND shard OPERATOR(pg_catalog.=) $2",
+							   2, types, values, NULL, false, 0);
+	if (rc != SPI_OK_SELECT)
+		elog(ERROR, "dsmapper: could not read shard");
+	if (SPI_processed == 0)
+		return false;
+	tuple = SPI_tuptable->vals[0];
+	desc = SPI_tuptable->tupdesc;
+	state = SPI_getvalue(tuple, desc, 1);
+	if (strcmp(state, "succeeded") == 0 || strcmp(state, "failed") == 0 ||
+		strcmp(state, "aborted") == 0)
+	{
+		dsm_spi_exec("DELETE FROM dsmapper.queue"
+					 " WHERE job_id OPERATOR(pg_catalog.=) $1"
+					 " AND shard OPERATOR(pg_catalog.=) $2",
+					 2, types, values, SPI_OK_DELETE);
+		return false;
+	}
+
+	old = MemoryContextSwitchTo(ts->cxt);
+	d = SPI_getbinval(tuple, desc, 4, &isnull);
+	if (isnull)
+		d = SPI_getbinval(tuple, desc, 2, &isnull);
+	ts->resume = isnull ? NIL : dsm_text_array_list(d);
+	d = SPI_getbinval(tuple, desc, 3, &isnull);
+	ts->range_end = isnull ? NIL : dsm_text_array_list(d);
+	MemoryContextSwitchTo(old);
+
+	resolve_mapper(ts);
+	return true;
+}
+
+/*
+ * run_shard_turn maps pages of one shard until the turn is used up, the
+ * shard is done, or an error ends the turn.  Returns the pages mapped.
+ */
+static int64
+run_shard_turn(TurnState *ts, TimestampTz deadline)
+{
+	TimestampTz turn_end;
+	int64		pages = 0;
+	bool		done = false;
+	DsmIdentity internal;
+
+	/* Load and check everything once per turn. */
+	page_begin(ts);
+	PG_TRY();
+	{
+		dsm_enter_internal(&internal);
+		done = !load_shard(ts);
+		dsm_leave(&internal);
+		page_commit(ts);
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata = page_abort(ts);
+
+		if (ts->in_session && edata->sqlerrcode == ERRCODE_QUERY_CANCELED)
+			ReThrowError(edata);
+		record_failure(ts, edata);
+		done = true;
+	}
+	PG_END_TRY();
+
+	if (done)
+		return 0;
+
+	if (ts->job->pages_per_task > 0)
+		turn_end = 0;
+	else
+		turn_end = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
+											   ts->job->task_duration_ms);
+
+	/* Pages, at least one per turn. */
+	while (!done)
+	{
+		CHECK_FOR_INTERRUPTS();
+
+		ts->first_key = ts->last_key = NULL;
+		page_begin(ts);
+		PG_TRY();
+		{
+			int64		rows;
+
+			dsm_enter_internal(&internal);
+			rows = map_page(ts, &done);
+			dsm_leave(&internal);
+			page_commit(ts);
+			if (rows > 0)
+				pages++;
+			elog(DEBUG1, "dsmapper job " INT64_FORMAT " shard %d: page of "
+				 INT64_FORMAT " rows", ts->job_id, ts->shard, rows);
+		}
+		PG_CATCH();
+		{
+			ErrorData  *edata = page_abort(ts);
+
+			if (ts->in_session && edata->sqlerrcode == ERRCODE_QUERY_CANCELED)
+				ReThrowError(edata);
+			record_failure(ts, edata);
+			done = true;
+		}
+		PG_END_TRY();
+
+		if (ts->job->pages_per_task > 0 && pages >= ts->job->pages_per_task)
+			break;
+		if (turn_end != 0 && GetCurrentTimestamp() >= turn_end)
+			break;
+		if (deadline != 0 && GetCurrentTimestamp() >= deadline)
+			break;
+		if (!ts->in_session && (ProcDiePending || ConfigReloadPending))
+			break;
+	}
+	return pages;
+}
+
+/*
+ * run_split splits a starting job into shards and queues them.  The job row
+ * is locked for the whole split, so an abort waits for it or wins before.
+ */
+static void
+run_split(TurnState *ts)
+{
+	DsmIdentity internal;
+
+	page_begin(ts);
+	PG_TRY();
+	{
+		Oid			types[5] = {INT8OID, INT4OID, TEXTARRAYOID, TEXTARRAYOID, INT8OID};
+		Datum		values[5];
+		char		nulls[5];
+		DsmJob	   *job;
+
+		dsm_enter_internal(&internal);
+		job = dsm_load_job(ts->job_id, true, ts->cxt);
+		ts->job = job;
+		if (job == NULL || strcmp(job->state, "starting") != 0)
+		{
+			values[0] = Int64GetDatum(ts->job_id);
+			values[1] = Int32GetDatum(DSM_SPLIT_TASK);
+			dsm_spi_exec("DELETE FROM dsmapper.queue"
+						 " WHERE job_id OPERATOR(pg_catalog.=) $1"
+						 " AND shard OPERATOR(pg_catalog.=) $2",
+						 2, types, values, SPI_OK_DELETE);
+		}
+		else
+		{
+			DsmSplit   *split;
+			int64		expected_total = 0;
+			ListCell   *lc;
+			List	   *prev = NIL;
+
+			resolve_mapper(ts);
+			split = dsm_split_relation(job, ts->key);
+
+			for (int i = 0; i < split->nshards; i++)
+			{
+				List	   *end = i < split->nshards - 1 ?
+					list_nth(split->boundaries, i) : NIL;
+
+				values[0] = Int64GetDatum(ts->job_id);
+				values[1] = Int32GetDatum(i);
+				values[2] = prev ? dsm_text_array_datum(prev) : (Datum) 0;
+				values[3] = end ? dsm_text_array_datum(end) : (Datum) 0;
+				values[4] = Int64GetDatum(split->expected[i]);
+				nulls[0] = nulls[1] = ' ';
+				nulls[2] = prev ? ' ' : 'n';
+				nulls[3] = end ? ' ' : 'n';
+				nulls[4] = job->track_progress ? ' ' : 'n';
+				if (SPI_execute_with_args("INSERT INTO dsmapper.shard"
+										  " (job_id, shard, range_start, range_end, expected)"
+										  " VALUES ($1, $2, $3, $4, $5)",
+										  5, types, values, nulls, false, 0) != SPI_OK_INSERT)
+					elog(ERROR, "dsmapper: could not insert shard");
+				expected_total += split->expected[i];
+				prev = end;
+			}
+			(void) lc;
+
+			values[0] = Int64GetDatum(ts->job_id);
+			values[1] = Int32GetDatum(split->nshards);
+			dsm_spi_exec("INSERT INTO dsmapper.queue (job_id, shard)"
+						 " SELECT $1, g FROM pg_catalog.generate_series(0,"
+						 " $2 OPERATOR(pg_catalog.-) 1) g",
+						 2, types, values, SPI_OK_INSERT);
+			values[1] = Int32GetDatum(DSM_SPLIT_TASK);
+			dsm_spi_exec("DELETE FROM dsmapper.queue"
+						 " WHERE job_id OPERATOR(pg_catalog.=) $1"
+						 " AND shard OPERATOR(pg_catalog.=) $2",
+						 2, types, values, SPI_OK_DELETE);
+			dsm_spi_exec("UPDATE dsmapper.job SET started = pg_catalog.clock_timestamp()"
+						 " WHERE job_id OPERATOR(pg_catalog.=) $1",
+						 1, types, values, SPI_OK_UPDATE);
+			dsm_set_job_state(ts->job_id, "running", NULL);
+			dsm_request_wakeup_at_commit();
+
+			ereport(dsm_log_level_jobs,
+					(errmsg("dsmapper job " INT64_FORMAT " started: mapper \"%s\" on %s, %d shards, %s" INT64_FORMAT " rows",
+							ts->job_id, job->mapper, job->relation_name,
+							split->nshards, split->exact ? "" : "about ",
+							expected_total),
+					 errhidestmt(true)));
+		}
+		dsm_leave(&internal);
+		page_commit(ts);
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata = page_abort(ts);
+
+		if (ts->in_session && edata->sqlerrcode == ERRCODE_QUERY_CANCELED)
+			ReThrowError(edata);
+
+		/* A split that failed fails the job, unless it is worth a retry. */
+		page_begin(ts);
+		dsm_enter_internal(&internal);
+		{
+			Oid			types[2] = {INT8OID, INT4OID};
+			Datum		values[2] = {Int64GetDatum(ts->job_id),
+			Int32GetDatum(DSM_SPLIT_TASK)};
+			DsmJob	   *job = dsm_load_job(ts->job_id, true, ts->cxt);
+
+			if (job != NULL && strcmp(job->state, "starting") == 0 &&
+				is_transient_error(edata->sqlerrcode))
+				dsm_spi_exec("UPDATE dsmapper.queue SET ready_at ="
+							 " pg_catalog.clock_timestamp() OPERATOR(pg_catalog.+) '5 s'"
+							 " WHERE job_id OPERATOR(pg_catalog.=) $1"
+							 " AND shard OPERATOR(pg_catalog.=) $2",
+							 2, types, values, SPI_OK_UPDATE);
+			else
+			{
+				dsm_spi_exec("DELETE FROM dsmapper.queue"
+							 " WHERE job_id OPERATOR(pg_catalog.=) $1"
+							 " AND shard OPERATOR(pg_catalog.=) $2",
+							 2, types, values, SPI_OK_DELETE);
+				if (job != NULL && strcmp(job->state, "starting") == 0)
+				{
+					dsm_set_job_state(ts->job_id, "failed",
+									  psprintf("could not split: %s", edata->message));
+					ereport(dsm_log_level_jobs,
+							(errmsg("dsmapper job " INT64_FORMAT " failed: could not split: %s",
+									ts->job_id, edata->message),
+							 errhidestmt(true)));
+				}
+			}
+		}
+		dsm_leave(&internal);
+		page_commit(ts);
+	}
+	PG_END_TRY();
+}
+
+/*
+ * dsm_run_task runs one turn of a claimed task and returns the number of
+ * pages it mapped.  The caller holds the task's claim lock and releases it
+ * afterwards.  In a worker (in_session false) it is called outside any
+ * transaction; in a session, inside the caller's transaction.  deadline,
+ * when not 0, also ends the turn.
+ */
+int64
+dsm_run_task(int64 job_id, int32 shard, bool in_session, TimestampTz deadline)
+{
+	TurnState	ts;
+	int64		pages = 0;
+	MemoryContext caller_cxt = CurrentMemoryContext;
+
+	memset(&ts, 0, sizeof(ts));
+	ts.cxt = AllocSetContextCreate(TopMemoryContext, "dsmapper turn",
+								   ALLOCSET_DEFAULT_SIZES);
+	ts.in_session = in_session;
+	ts.caller_cxt = caller_cxt;
+	ts.caller_owner = CurrentResourceOwner;
+	ts.job_id = job_id;
+	ts.shard = shard;
+	MemoryContextSwitchTo(ts.cxt);
+
+	PG_TRY();
+	{
+		if (shard == DSM_SPLIT_TASK)
+			run_split(&ts);
+		else
+		{
+			DsmIdentity internal;
+			Oid			types[2] = {INT8OID, INT4OID};
+			Datum		values[2] = {Int64GetDatum(job_id), Int32GetDatum(shard)};
+
+			pages = run_shard_turn(&ts, deadline);
+
+			/* The turn is over: go to the back of the queue. */
+			page_begin(&ts);
+			dsm_enter_internal(&internal);
+			dsm_spi_exec("UPDATE dsmapper.queue"
+						 " SET last_turn = pg_catalog.clock_timestamp()"
+						 " WHERE job_id OPERATOR(pg_catalog.=) $1"
+						 " AND shard OPERATOR(pg_catalog.=) $2",
+						 2, types, values, SPI_OK_UPDATE);
+			dsm_leave(&internal);
+			page_commit(&ts);
+		}
+	}
+	PG_FINALLY();
+	{
+		MemoryContextSwitchTo(caller_cxt);
+		MemoryContextDelete(ts.cxt);
+	}
+	PG_END_TRY();
+
+	return pages;
+}

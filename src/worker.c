@@ -1,0 +1,306 @@
+/*-------------------------------------------------------------------------
+ *
+ * worker.c
+ *		The dsmapper worker: claims tasks in one database and runs turns.
+ *
+ * A worker is started by the launcher for one database and one slot of
+ * shared memory.  It loops: claim a task, run one turn of it, release it.
+ * With nothing ready it sleeps on its latch until woken by new work, until
+ * the earliest backoff ends, or until dsmapper.worker_idle_timeout passes,
+ * after which it exits and gives its slot back.  A worker started as a
+ * probe (after a restart, to look for work left over) exits at once when
+ * it finds none.
+ *
+ * The worker connects as the bootstrap superuser but runs nothing of the
+ * user's with that identity: bookkeeping runs as the extension owner and
+ * user code as the job's owner (job.c).
+ *
+ * SIGTERM is handled by die(), so a fast shutdown interrupts even a long
+ * mapper call; the open page is rolled back and its checkpoint is intact.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "dsmapper.h"
+
+#include "access/xact.h"
+#include "executor/spi.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "postmaster/bgworker.h"
+#include "postmaster/interrupt.h"
+#include "storage/ipc.h"
+#include "storage/proc.h"
+#include "tcop/tcopprot.h"
+#include "utils/guc.h"
+#include "utils/memutils.h"
+#include "utils/snapmgr.h"
+#include "utils/timestamp.h"
+
+typedef struct DsmWorkerExtra
+{
+	uint64		incarnation;
+	bool		probe;
+} DsmWorkerExtra;
+
+static int	my_slot = -1;
+
+/*
+ * worker_detach marks our slot as exiting so no one counts on it; the
+ * launcher frees it once the postmaster reports us gone.
+ */
+static void
+worker_detach(int code, Datum arg)
+{
+	DsmWorkerSlot *slot = &dsm_shared->slots[my_slot];
+
+	LWLockAcquire(dsm_shared->lock, LW_EXCLUSIVE);
+	slot->state = DSM_SLOT_EXITING;
+	slot->latch = NULL;
+	LWLockRelease(dsm_shared->lock);
+	if (dsm_shared->launcher_latch)
+		SetLatch(dsm_shared->launcher_latch);
+}
+
+/*
+ * count_live_workers counts the slots of a database that are or will be
+ * working.  Caller holds the lock.
+ */
+static int
+count_live_workers(Oid dboid)
+{
+	int			live = 0;
+
+	for (int i = 0; i < dsm_shared->nslots; i++)
+	{
+		DsmWorkerSlot *slot = &dsm_shared->slots[i];
+
+		if (slot->dboid == dboid &&
+			(slot->state == DSM_SLOT_STARTING || slot->state == DSM_SLOT_BUSY ||
+			 slot->state == DSM_SLOT_IDLE))
+			live++;
+	}
+	return live;
+}
+
+/*
+ * other_database_waits tells whether another database wants a worker and
+ * no slot is free for it, in which case we should yield ours.  Caller
+ * holds the lock.
+ */
+static bool
+other_database_waits(Oid dboid)
+{
+	for (int i = 0; i < dsm_shared->nslots; i++)
+		if (dsm_shared->slots[i].state == DSM_SLOT_FREE)
+			return false;
+
+	for (int i = 0; i < DSM_MAX_DATABASES; i++)
+	{
+		DsmDatabase *db = &dsm_shared->databases[i];
+
+		if (db->dboid == InvalidOid || db->dboid == dboid)
+			continue;
+		if (db->wanted > 0 && count_live_workers(db->dboid) == 0)
+			return true;
+	}
+	return false;
+}
+
+/*
+ * claim_next claims a task in a short transaction of its own.  Returns
+ * false when none is claimable; *extension_gone when dsmapper was dropped.
+ */
+static bool
+claim_next(DsmTask *task, int *ready_count, TimestampTz *next_ready,
+		   bool *extension_gone)
+{
+	bool		claimed = false;
+	DsmIdentity internal;
+
+	*extension_gone = false;
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	if (!dsm_extension_exists())
+		*extension_gone = true;
+	else
+	{
+		MemoryContext cxt = CurrentMemoryContext;
+
+		SPI_connect();
+		dsm_enter_internal(&internal);
+		claimed = dsm_claim_task(task, ready_count, next_ready);
+		if (claimed)
+		{
+			MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
+
+			task->job_state = pstrdup(task->job_state);
+			MemoryContextSwitchTo(old);
+		}
+		dsm_leave(&internal);
+		SPI_finish();
+		(void) cxt;
+	}
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+	return claimed;
+}
+
+/*
+ * dsm_worker_main is the entry point of a worker.  main_arg is the slot.
+ */
+void
+dsm_worker_main(Datum main_arg)
+{
+	DsmWorkerExtra extra;
+	DsmWorkerSlot *slot;
+	DsmDatabase *db;
+	Oid			dboid;
+	TimestampTz last_work;
+
+	my_slot = DatumGetInt32(main_arg);
+	memcpy(&extra, MyBgworkerEntry->bgw_extra, sizeof(extra));
+
+	pqsignal(SIGHUP, SignalHandlerForConfigReload);
+	pqsignal(SIGTERM, die);
+	BackgroundWorkerUnblockSignals();
+
+	/* Take over our slot, unless the launcher gave it away meanwhile. */
+	LWLockAcquire(dsm_shared->lock, LW_EXCLUSIVE);
+	slot = &dsm_shared->slots[my_slot];
+	if (slot->incarnation != extra.incarnation)
+	{
+		LWLockRelease(dsm_shared->lock);
+		proc_exit(0);
+	}
+	slot->pid = MyProcPid;
+	slot->latch = MyLatch;
+	slot->state = DSM_SLOT_BUSY;
+	dboid = slot->dboid;
+	LWLockRelease(dsm_shared->lock);
+	before_shmem_exit(worker_detach, (Datum) 0);
+
+	BackgroundWorkerInitializeConnectionByOid(dboid, InvalidOid, 0);
+	pgstat_report_appname("dsmapper worker");
+
+	/*
+	 * Fixed session settings: every page is READ COMMITTED so it sees a
+	 * fresh snapshot, and parallel query is off because pages are small
+	 * and workers already run side by side.
+	 */
+	SetConfigOption("default_transaction_isolation", "read committed",
+					PGC_SUSET, PGC_S_OVERRIDE);
+	SetConfigOption("max_parallel_workers_per_gather", "0",
+					PGC_SUSET, PGC_S_OVERRIDE);
+
+	last_work = GetCurrentTimestamp();
+	for (;;)
+	{
+		DsmTask		task;
+		int			ready_count;
+		TimestampTz next_ready;
+		bool		extension_gone;
+		uint64		generation;
+		long		timeout_ms;
+		TimestampTz now;
+
+		ResetLatch(MyLatch);
+		CHECK_FOR_INTERRUPTS();
+		if (ConfigReloadPending)
+		{
+			ConfigReloadPending = false;
+			ProcessConfigFile(PGC_SIGHUP);
+		}
+
+		LWLockAcquire(dsm_shared->lock, LW_SHARED);
+		db = dsm_find_database(dboid, false);
+		generation = db ? db->generation : 0;
+		LWLockRelease(dsm_shared->lock);
+
+		/* Claim and run one turn. */
+		if (claim_next(&task, &ready_count, &next_ready, &extension_gone))
+		{
+			bool		yield;
+
+			LWLockAcquire(dsm_shared->lock, LW_EXCLUSIVE);
+			slot->state = DSM_SLOT_BUSY;
+			db = dsm_find_database(dboid, true);
+			if (db != NULL && ready_count > count_live_workers(dboid))
+			{
+				db->wanted = Min(ready_count, dsm_shared->nslots);
+				if (dsm_shared->launcher_latch)
+					SetLatch(dsm_shared->launcher_latch);
+			}
+			LWLockRelease(dsm_shared->lock);
+
+			pgstat_report_activity(STATE_RUNNING,
+								   task.shard == DSM_SPLIT_TASK ?
+								   psprintf("dsmapper job " INT64_FORMAT " split", task.job_id) :
+								   psprintf("dsmapper job " INT64_FORMAT " shard %d",
+											task.job_id, task.shard));
+			(void) dsm_run_task(task.job_id, task.shard, false, 0);
+			dsm_unlock_task(task.job_id, task.shard);
+			pgstat_report_activity(STATE_IDLE, NULL);
+			pfree(task.job_state);
+			last_work = GetCurrentTimestamp();
+
+			/* Give the slot to a database that has none, round robin. */
+			LWLockAcquire(dsm_shared->lock, LW_EXCLUSIVE);
+			yield = other_database_waits(dboid);
+			if (yield)
+				slot->state = DSM_SLOT_EXITING;
+			LWLockRelease(dsm_shared->lock);
+			if (yield)
+			{
+				dsm_wake_database(dboid);
+				proc_exit(0);
+			}
+			continue;
+		}
+
+		if (extension_gone)
+		{
+			LWLockAcquire(dsm_shared->lock, LW_EXCLUSIVE);
+			slot->state = DSM_SLOT_EXITING;
+			db = dsm_find_database(dboid, false);
+			if (db && count_live_workers(dboid) == 0)
+				db->wanted = 0;
+			LWLockRelease(dsm_shared->lock);
+			proc_exit(0);
+		}
+
+		/* Nothing ready: sleep, or leave when idle long enough. */
+		now = GetCurrentTimestamp();
+		LWLockAcquire(dsm_shared->lock, LW_EXCLUSIVE);
+		db = dsm_find_database(dboid, true);
+		if (db != NULL && db->generation != generation)
+		{
+			LWLockRelease(dsm_shared->lock);
+			continue;
+		}
+		if (next_ready == 0 &&
+			(extra.probe ||
+			 TimestampDifferenceExceeds(last_work, now,
+										dsm_worker_idle_timeout * 1000)))
+		{
+			slot->state = DSM_SLOT_EXITING;
+			if (db && count_live_workers(dboid) == 0)
+				db->wanted = 0;
+			LWLockRelease(dsm_shared->lock);
+			proc_exit(0);
+		}
+		slot->state = DSM_SLOT_IDLE;
+		LWLockRelease(dsm_shared->lock);
+
+		timeout_ms = dsm_worker_idle_timeout * 1000L -
+			TimestampDifferenceMilliseconds(last_work, now);
+		if (next_ready != 0)
+			timeout_ms = Min(timeout_ms,
+							 TimestampDifferenceMilliseconds(now, next_ready) + 1);
+		timeout_ms = Max(timeout_ms, 1);
+		extra.probe = false;
+
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 timeout_ms, PG_WAIT_EXTENSION);
+	}
+}
