@@ -54,7 +54,7 @@ CREATE INDEX job_state_idx ON dsmapper.job (state);
 
 /*
  * One row per shard.  A shard covers the keys k with
- * range_start < k <= range_end (NULL bounds are unbounded); resume_from is
+ * range_start <= k < range_end (NULL bounds are unbounded); resume_from is
  * the last key whose page committed.  Keys are stored as text arrays, one
  * element per key column, written with the key type's output function.
  * The row is updated in the same transaction as every page, hence the low

@@ -228,7 +228,7 @@ spi_text(HeapTuple tuple, TupleDesc desc, int col)
 
 /*
  * dsm_load_job reads a job row; NULL when it does not exist.  With
- * lock_row the row is locked FOR UPDATE, which serializes job state
+ * lock_row the row is locked FOR NO KEY UPDATE, which serializes job state
  * changes.  SPI connected, internal identity; the result is allocated in
  * mcxt, which should outlive SPI_finish.
  */
@@ -251,7 +251,7 @@ dsm_load_job(int64 job_id, bool lock_row, MemoryContext mcxt)
 			" track_progress, max_attempts, owner, search_path, state,"
 			" started"
 			" FROM dsmapper.job WHERE job_id OPERATOR(pg_catalog.=) $1%s",
-			lock_row ? " FOR UPDATE" : ""),
+			lock_row ? " FOR NO KEY UPDATE" : ""),
 			1, types, values, NULL, false, 1);
 	if (rc != SPI_OK_SELECT)
 		elog(ERROR, "dsmapper: could not read job " INT64_FORMAT, job_id);

@@ -10,9 +10,12 @@
  * leaves nothing behind but a row that the next claimer picks up.
  *
  * Lock order, to stay free of deadlocks: task claim lock, then the job row,
- * then shard rows.  Every job state change locks the job row FOR UPDATE,
- * and so does the roll-up, which makes "the last shard finished" a
- * decision exactly one transaction takes.
+ * then shard rows.  Every job state change locks the job row FOR NO KEY
+ * UPDATE, and so does the roll-up, which makes "the last shard finished" a
+ * decision exactly one transaction takes.  (Not FOR UPDATE: updating a
+ * shard row twice in one transaction makes the foreign key check take FOR
+ * KEY SHARE on the job row, and FOR UPDATE would then deadlock two workers
+ * finishing shards at the same moment.)
  *
  * All functions here run inside a transaction with SPI connected and the
  * internal identity (job.c) in effect.
@@ -244,7 +247,7 @@ dsm_rollup_job(int64 job_id)
 	char	   *error = NULL;
 
 	rc = SPI_execute_with_args("SELECT state FROM dsmapper.job"
-							   " WHERE job_id OPERATOR(pg_catalog.=) $1 FOR UPDATE",
+							   " WHERE job_id OPERATOR(pg_catalog.=) $1 FOR NO KEY UPDATE",
 							   1, types, values, NULL, false, 0);
 	if (rc != SPI_OK_SELECT || SPI_processed != 1)
 		return;

@@ -4,13 +4,21 @@
  *		Choosing shard ranges by sampling the key space.
  *
  * A small table (at most DSM_EXACT_MAX_BLOCKS blocks) is read whole: its
- * keys give exact quantiles and exact per-shard counts.  A larger table is
- * sampled with TABLESAMPLE SYSTEM, which reads only the sampled blocks; the
- * sample's quantiles become the shard boundaries and its per-range counts,
- * scaled by the sampling fraction, the expected counts.  The filter is
- * applied to the sample, so ranges balance the rows that will be mapped.
+ * keys give exact quantiles and exact per-shard counts.
  *
- * Shard i covers the keys k with boundary[i-1] < k <= boundary[i]; the
+ * A larger table is split from its primary key's btree (split_by_index):
+ * level 1 of the index lists every leaf page with the key that starts it,
+ * and a sample of leaves tells how many entries a leaf holds.  Cutting at
+ * quantiles of that weight balances shards by row count however skewed
+ * the key values are, reading a small part of the index and none of the
+ * table.
+ *
+ * With a filter, row-level security, or a partitioned table, the table is
+ * sampled instead with TABLESAMPLE SYSTEM, which reads only the sampled
+ * blocks; the filter is applied to the sample, and the sample's quantiles
+ * and scaled counts give boundaries and expected counts.
+ *
+ * Shard i covers the keys k with boundary[i-1] <= k < boundary[i]; the
  * first shard is unbounded below and the last unbounded above, so keys
  * inserted later anywhere are covered.
  *
@@ -20,16 +28,21 @@
 
 #include <math.h>
 
+#include "access/genam.h"
+#include "access/nbtree.h"
 #include "access/table.h"
 #include "catalog/pg_class.h"
 #include "executor/spi.h"
+#include "miscadmin.h"
 #include "storage/bufmgr.h"
 #include "utils/lsyscache.h"
 #include "utils/rel.h"
+#include "utils/rls.h"
 
 #define DSM_EXACT_MAX_BLOCKS	1024	/* read all keys up to 8 MB */
 #define DSM_SAMPLE_MIN_ROWS		30000
 #define DSM_SAMPLE_ROWS_PER_SHARD 2000
+#define DSM_LEAF_SAMPLE			4096	/* leaf pages read to weigh leaves */
 
 /*
  * key_strings returns the text form of the key columns of a sample row.
@@ -50,6 +63,220 @@ key_strings(DsmKey *key, HeapTuple tuple, TupleDesc desc)
 						 isnull ? NULL : OidOutputFunctionCall(key->output_funcs[c], d));
 	}
 	return result;
+}
+
+/*
+ * One leaf page of the primary key index, as seen from level 1: the
+ * separator key that starts it (NULL for the leftmost leaf) and an estimate
+ * of the index entries it holds.
+ */
+typedef struct LeafEntry
+{
+	IndexTuple	separator;
+	BlockNumber leaf;
+	double		weight;
+} LeafEntry;
+
+/*
+ * live_entries counts the index entries of a leaf page that are not known
+ * dead.  The high key is not an entry.
+ */
+static double
+live_entries(Relation index, BlockNumber blkno)
+{
+	Buffer		buf = _bt_getbuf(index, blkno, BT_READ);
+	Page		page = BufferGetPage(buf);
+	BTPageOpaque opaque = BTPageGetOpaque(page);
+	OffsetNumber maxoff = PageGetMaxOffsetNumber(page);
+	double		count = 0;
+
+	if (P_ISLEAF(opaque) && !P_IGNORE(opaque))
+	{
+		for (OffsetNumber off = P_FIRSTDATAKEY(opaque); off <= maxoff; off++)
+			if (!ItemIdIsDead(PageGetItemId(page, off)))
+				count++;
+	}
+	_bt_relbuf(index, buf);
+	return count;
+}
+
+/*
+ * read_leaf_level lists every leaf page of a btree with its separator, by
+ * reading the index's level 1 (the pages just above the leaves), which is
+ * a few hundredths of the index.  Returns NULL when the index has no level
+ * 1.  Entries are palloc'd in the current memory context.
+ */
+static LeafEntry *
+read_leaf_level(Relation index, int *nentries)
+{
+	Buffer		buf;
+	Page		page;
+	BTPageOpaque opaque;
+	BTMetaPageData *meta;
+	BlockNumber blkno;
+	uint32		level;
+	IndexTuple	lowkey = NULL;
+	LeafEntry  *entries;
+	int			n = 0;
+	int			capacity = 1024;
+
+	buf = _bt_getbuf(index, BTREE_METAPAGE, BT_READ);
+	meta = BTPageGetMeta(BufferGetPage(buf));
+	blkno = meta->btm_fastroot;
+	level = meta->btm_fastlevel;
+	_bt_relbuf(index, buf);
+	if (blkno == P_NONE || level < 1)
+		return NULL;
+
+	/* Down the leftmost path to level 1. */
+	while (level > 1)
+	{
+		buf = _bt_getbuf(index, blkno, BT_READ);
+		page = BufferGetPage(buf);
+		opaque = BTPageGetOpaque(page);
+		blkno = BTreeTupleGetDownLink((IndexTuple)
+									  PageGetItem(page, PageGetItemId(page, P_FIRSTDATAKEY(opaque))));
+		level = opaque->btpo_level - 1;
+		_bt_relbuf(index, buf);
+	}
+
+	/* Across level 1, left to right. */
+	entries = palloc(sizeof(LeafEntry) * capacity);
+	while (blkno != P_NONE)
+	{
+		BlockNumber next;
+
+		CHECK_FOR_INTERRUPTS();
+		buf = _bt_getbuf(index, blkno, BT_READ);
+		page = BufferGetPage(buf);
+		opaque = BTPageGetOpaque(page);
+		if (!P_IGNORE(opaque))
+		{
+			OffsetNumber first = P_FIRSTDATAKEY(opaque);
+			OffsetNumber maxoff = PageGetMaxOffsetNumber(page);
+
+			for (OffsetNumber off = first; off <= maxoff; off++)
+			{
+				IndexTuple	itup = (IndexTuple) PageGetItem(page, PageGetItemId(page, off));
+
+				if (n == capacity)
+				{
+					capacity *= 2;
+					entries = repalloc_huge(entries, sizeof(LeafEntry) * capacity);
+				}
+				entries[n].leaf = BTreeTupleGetDownLink(itup);
+				entries[n].separator = (off == first) ? lowkey : CopyIndexTuple(itup);
+				entries[n].weight = 0;
+				n++;
+			}
+			if (!P_RIGHTMOST(opaque))
+				lowkey = CopyIndexTuple((IndexTuple)
+										PageGetItem(page, PageGetItemId(page, P_HIKEY)));
+		}
+		next = opaque->btpo_next;
+		_bt_relbuf(index, buf);
+		blkno = next;
+	}
+
+	*nentries = n;
+	return entries;
+}
+
+/*
+ * separator_strings returns the text form of a separator's key columns, or
+ * NIL when it cannot start a shard (the leftmost leaf, or a separator whose
+ * trailing key columns were truncated away).
+ */
+static List *
+separator_strings(Relation index, DsmKey *key, IndexTuple separator)
+{
+	List	   *result = NIL;
+
+	if (separator == NULL || BTreeTupleGetNAtts(separator, index) < key->natts)
+		return NIL;
+	for (int c = 0; c < key->natts; c++)
+	{
+		bool		isnull;
+		Datum		d = index_getattr(separator, c + 1, RelationGetDescr(index), &isnull);
+
+		if (isnull)
+			return NIL;
+		result = lappend(result, OidOutputFunctionCall(key->output_funcs[c], d));
+	}
+	return result;
+}
+
+/*
+ * split_by_index chooses ranges from the primary key's btree: every leaf
+ * page is a candidate boundary, weighted by the entries of an evenly
+ * spread sample of leaves.  Balance then depends on row counts, not on how
+ * key values are spread, and nothing of the table is read.  Returns NULL
+ * when the index is too small to have a level 1.
+ */
+static DsmSplit *
+split_by_index(DsmJob *job, DsmKey *key, Oid indexoid)
+{
+	Relation	index;
+	LeafEntry  *leaves;
+	int			nleaves;
+	int			nsampled;
+	double	   *sampled;
+	double		total = 0;
+	double		cumulative = 0;
+	int			nshards;
+	int			shard = 0;
+	DsmSplit   *split;
+
+	index = index_open(indexoid, AccessShareLock);
+	leaves = read_leaf_level(index, &nleaves);
+	if (leaves == NULL || nleaves < 2)
+	{
+		index_close(index, AccessShareLock);
+		return NULL;
+	}
+
+	/* Weigh the leaves from a sample spread evenly over them. */
+	nsampled = Min(nleaves, DSM_LEAF_SAMPLE);
+	sampled = palloc(sizeof(double) * nsampled);
+	for (int j = 0; j < nsampled; j++)
+	{
+		CHECK_FOR_INTERRUPTS();
+		sampled[j] = live_entries(index,
+								  leaves[(int) (((double) j + 0.5) * nleaves / nsampled)].leaf);
+	}
+	for (int i = 0; i < nleaves; i++)
+	{
+		leaves[i].weight = sampled[Min(nsampled - 1, (int) ((double) i * nsampled / nleaves))];
+		total += leaves[i].weight;
+	}
+
+	nshards = (int) Min((double) job->shards_wanted,
+						Max(1.0, ceil(total / Max(job->page_size, 1))));
+
+	/* Cut at the leaf where the running weight crosses each quantile. */
+	split = palloc0(sizeof(DsmSplit));
+	split->expected = palloc0(sizeof(int64) * nshards);
+	for (int i = 0; i < nleaves; i++)
+	{
+		if (shard < nshards - 1 &&
+			cumulative >= total * (shard + 1) / nshards)
+		{
+			List	   *boundary = separator_strings(index, key, leaves[i].separator);
+
+			if (boundary != NIL)
+			{
+				split->boundaries = lappend(split->boundaries, boundary);
+				shard++;
+			}
+		}
+		split->expected[shard] += (int64) leaves[i].weight;
+		cumulative += leaves[i].weight;
+	}
+	split->nshards = shard + 1;
+	split->exact = false;
+
+	index_close(index, AccessShareLock);
+	return split;
 }
 
 /*
@@ -82,7 +309,26 @@ dsm_split_relation(DsmJob *job, DsmKey *key)
 	nblocks = RelationGetNumberOfBlocks(rel);
 	reltuples = rel->rd_rel->reltuples;
 	relpages = rel->rd_rel->relpages;
-	table_close(rel, AccessShareLock);
+
+	/*
+	 * A large plain table without a filter, whose rows the owner may all
+	 * see, is split from its primary key index.  With a filter or row-level
+	 * security only a sample of visible rows tells where the mapped rows
+	 * are, and a partitioned table has no single index to read.
+	 */
+	if (nblocks > DSM_EXACT_MAX_BLOCKS && job->filter == NULL &&
+		rel->rd_rel->relkind == RELKIND_RELATION &&
+		check_enable_rls(job->relid, job->owner, true) != RLS_ENABLED)
+	{
+		Oid			indexoid = RelationGetPrimaryKeyIndex(rel);
+
+		table_close(rel, AccessShareLock);
+		split = split_by_index(job, key, indexoid);
+		if (split != NULL)
+			return split;
+	}
+	else
+		table_close(rel, AccessShareLock);
 
 	if (reltuples > 0 && relpages > 0)
 		estimated_rows = reltuples / relpages * nblocks;
@@ -154,7 +400,7 @@ dsm_split_relation(DsmJob *job, DsmKey *key)
 			if (end <= prev_end)
 				end = prev_end + 1;
 			split->boundaries = lappend(split->boundaries,
-										key_strings(key, sample->vals[end - 1],
+										key_strings(key, sample->vals[end],
 													sample->tupdesc));
 		}
 		split->expected[i] = (int64) ((end - prev_end) / fraction + 0.5);

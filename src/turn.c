@@ -68,6 +68,7 @@ typedef struct TurnState
 	char	   *from_clause;	/* quoted relation and alias */
 	List	   *range_end;		/* text per key column, NIL: unbounded */
 	List	   *resume;			/* last committed key, or range_start */
+	bool		resume_inclusive;	/* resume is range_start: k >= resume */
 	char	   *first_key;		/* of the current page, for errors */
 	char	   *last_key;
 } TurnState;
@@ -246,12 +247,14 @@ record_failure(TurnState *ts, ErrorData *edata)
 					ts->job_id, ts->shard,
 					failed ? "failed" : "will retry a page",
 					edata->message ? edata->message : "unknown error"),
-			 errdetail("SQLSTATE %s, attempt %d of %d%s%s%s%s.",
+			 errdetail("SQLSTATE %s, attempt %d of %d%s%s%s%s.%s%s",
 					   sqlstate, attempts, max_attempts,
 					   ts->first_key ? ", keys " : "",
 					   ts->first_key ? ts->first_key : "",
 					   ts->first_key ? " to " : "",
-					   ts->last_key ? ts->last_key : ""),
+					   ts->last_key ? ts->last_key : "",
+					   edata->detail ? " " : "",
+					   edata->detail ? edata->detail : ""),
 			 errhidestmt(true)));
 }
 
@@ -490,9 +493,10 @@ map_page(TurnState *ts, bool *done)
 	appendStringInfo(&sql, "SELECT %s FROM %s WHERE true",
 					 ts->select_list, ts->from_clause);
 	if (ts->resume != NIL)
-		bound_params(ts, &sql, ">", ts->resume, types, values, &nargs);
+		bound_params(ts, &sql, ts->resume_inclusive ? ">=" : ">", ts->resume,
+					 types, values, &nargs);
 	if (ts->range_end != NIL)
-		bound_params(ts, &sql, "<=", ts->range_end, types, values, &nargs);
+		bound_params(ts, &sql, "<", ts->range_end, types, values, &nargs);
 	if (job->filter)
 		appendStringInfo(&sql, " AND (%s\n)", job->filter);
 	appendStringInfo(&sql, " ORDER BY %s LIMIT %d",
@@ -587,6 +591,7 @@ map_page(TurnState *ts, bool *done)
 		foreach(lc, last)
 			copy = lappend(copy, pstrdup((char *) lfirst(lc)));
 		ts->resume = copy;
+		ts->resume_inclusive = false;
 		MemoryContextSwitchTo(old);
 	}
 	return (int64) n;
@@ -646,6 +651,7 @@ load_shard(TurnState *ts)
 
 	old = MemoryContextSwitchTo(ts->cxt);
 	d = SPI_getbinval(tuple, desc, 4, &isnull);
+	ts->resume_inclusive = isnull;
 	if (isnull)
 		d = SPI_getbinval(tuple, desc, 2, &isnull);
 	ts->resume = isnull ? NIL : dsm_text_array_list(d);
