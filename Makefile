@@ -24,7 +24,7 @@ REGRESS_OPTS = --inputdir=test --outputdir=test/results \
 ISOLATION      = $(sort $(basename $(notdir $(wildcard test/specs/*.spec))))
 ISOLATION_OPTS = --inputdir=test --outputdir=test/output_iso \
                  --temp-instance=test/tmp_isolation \
-                 --temp-config=test/regress.conf
+                 --temp-config=test/isolation.conf
 
 TAP_TESTS   = 1
 PROVE_TESTS = test/t/*.pl

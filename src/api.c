@@ -956,7 +956,8 @@ dsmapper_current_shard(PG_FUNCTION_ARGS)
 /*
  * dsmapper_run(max_duration interval) processes queued work of this
  * database in the calling session until nothing is ready or max_duration
- * has passed, and returns the number of pages mapped.  Each page is a
+ * has passed, and returns the number of pages mapped.  It always runs at
+ * least one task when one is ready.  Each page is a
  * subtransaction; all of them become durable when the caller commits.
  */
 Datum
@@ -978,7 +979,8 @@ dsmapper_run(PG_FUNCTION_ARGS)
 	deadline = GetCurrentTimestamp() + max_duration->time +
 		(int64) max_duration->day * USECS_PER_DAY;
 
-	while (GetCurrentTimestamp() < deadline)
+	/* At least one task per call, like a turn maps at least one page. */
+	do
 	{
 		DsmTask		task;
 		int			ready_count;
@@ -1004,7 +1006,7 @@ dsmapper_run(PG_FUNCTION_ARGS)
 			dsm_unlock_task(task.job_id, task.shard);
 		}
 		PG_END_TRY();
-	}
+	} while (GetCurrentTimestamp() < deadline);
 
 	PG_RETURN_INT64(pages);
 }
