@@ -57,8 +57,12 @@ CREATE INDEX job_state_idx ON dsmapper.job (state);
  * range_start <= k < range_end (NULL bounds are unbounded); resume_from is
  * the last key whose page committed.  Keys are stored as text arrays, one
  * element per key column, written with the key type's output function.
- * The row is updated in the same transaction as every page, hence the low
- * fillfactor so that those updates stay HOT.
+ * in_turn is set when a turn starts and cleared when it ends; finding it
+ * set at the start of a turn means the previous turn's process died inside
+ * a page, which counts as a failed attempt (so a mapper that kills its
+ * backend cannot loop forever).  The row is updated in the same
+ * transaction as every page, hence the low fillfactor so that those
+ * updates stay HOT.
  */
 CREATE TABLE dsmapper.shard (
     job_id          bigint NOT NULL REFERENCES dsmapper.job ON DELETE CASCADE,
@@ -76,6 +80,7 @@ CREATE TABLE dsmapper.shard (
     error_sqlstate  text,
     error_first_key text,
     error_last_key  text,
+    in_turn         boolean NOT NULL DEFAULT false,
     started         timestamptz,
     updated         timestamptz NOT NULL DEFAULT pg_catalog.now(),
     PRIMARY KEY (job_id, shard)

@@ -627,7 +627,8 @@ load_shard(TurnState *ts)
 		return false;
 	}
 
-	rc = SPI_execute_with_args("SELECT state, range_start, range_end, resume_from"
+	rc = SPI_execute_with_args("SELECT state, range_start, range_end, resume_from,"
+							   " in_turn, attempts"
 							   " FROM dsmapper.shard"
 							   " WHERE job_id OPERATOR(pg_catalog.=) $1"
 							   " AND shard OPERATOR(pg_catalog.=) $2",
@@ -648,6 +649,51 @@ load_shard(TurnState *ts)
 					 2, types, values, SPI_OK_DELETE);
 		return false;
 	}
+
+	/*
+	 * A turn left open means its process died inside a page (crash, FATAL,
+	 * shutdown): count that as a failed attempt of the page.
+	 */
+	if (DatumGetBool(SPI_getbinval(tuple, desc, 5, &isnull)))
+	{
+		int			attempts = DatumGetInt32(SPI_getbinval(tuple, desc, 6, &isnull)) + 1;
+		bool		give_up = attempts >= ts->job->max_attempts;
+
+		dsm_spi_exec("UPDATE dsmapper.shard SET"
+					 " attempts = attempts OPERATOR(pg_catalog.+) 1,"
+					 " error = 'the process running a page of this shard exited unexpectedly',"
+					 " error_sqlstate = '57P01',"
+					 " updated = pg_catalog.clock_timestamp()"
+					 " WHERE job_id OPERATOR(pg_catalog.=) $1"
+					 " AND shard OPERATOR(pg_catalog.=) $2",
+					 2, types, values, SPI_OK_UPDATE);
+		ereport(LOG,
+				(errmsg("dsmapper job " INT64_FORMAT " shard %d %s: a previous turn exited inside a page",
+						ts->job_id, ts->shard, give_up ? "failed" : "will retry"),
+				 errdetail("Attempt %d of %d.", attempts, ts->job->max_attempts),
+				 errhidestmt(true)));
+		if (give_up)
+			dsm_finish_shard(ts->job_id, ts->shard, "failed");
+		else
+		{
+			Oid			qtypes[3] = {INT8OID, INT4OID, INT8OID};
+			Datum		qvalues[3] = {Int64GetDatum(ts->job_id),
+			Int32GetDatum(ts->shard), Int64GetDatum(backoff_ms(attempts))};
+
+			/* Back off like any transient failure; a crash loop stays slow. */
+			dsm_spi_exec("UPDATE dsmapper.queue SET ready_at ="
+						 " pg_catalog.clock_timestamp() OPERATOR(pg_catalog.+)"
+						 " pg_catalog.make_interval(secs => $3 OPERATOR(pg_catalog./) 1000.0)"
+						 " WHERE job_id OPERATOR(pg_catalog.=) $1"
+						 " AND shard OPERATOR(pg_catalog.=) $2",
+						 3, qtypes, qvalues, SPI_OK_UPDATE);
+		}
+		return false;
+	}
+	dsm_spi_exec("UPDATE dsmapper.shard SET in_turn = true"
+				 " WHERE job_id OPERATOR(pg_catalog.=) $1"
+				 " AND shard OPERATOR(pg_catalog.=) $2",
+				 2, types, values, SPI_OK_UPDATE);
 
 	old = MemoryContextSwitchTo(ts->cxt);
 	d = SPI_getbinval(tuple, desc, 4, &isnull);
@@ -926,6 +972,10 @@ dsm_run_task(int64 job_id, int32 shard, bool in_session, TimestampTz deadline)
 						 " SET last_turn = pg_catalog.clock_timestamp()"
 						 " WHERE job_id OPERATOR(pg_catalog.=) $1"
 						 " AND shard OPERATOR(pg_catalog.=) $2",
+						 2, types, values, SPI_OK_UPDATE);
+			dsm_spi_exec("UPDATE dsmapper.shard SET in_turn = false"
+						 " WHERE job_id OPERATOR(pg_catalog.=) $1"
+						 " AND shard OPERATOR(pg_catalog.=) $2 AND in_turn",
 						 2, types, values, SPI_OK_UPDATE);
 			dsm_leave(&internal);
 			page_commit(&ts);
