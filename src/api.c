@@ -780,8 +780,8 @@ dsmapper_resume(PG_FUNCTION_ARGS)
 				 errmsg("cannot resume job " INT64_FORMAT " because it is %s",
 						job_id, job->state),
 				 errdetail("Only a paused job can be resumed."),
-				 errhint(dsm_is_final_job_state(job->state) ?
-						 "Use dsmapper_retry() to reopen failed or aborted shards." : NULL)));
+				 dsm_is_final_job_state(job->state) ?
+				 errhint("Use dsmapper_retry() to reopen failed or aborted shards.") : 0));
 
 	dsm_enter_internal(&internal);
 	if (strcmp(job->state, "paused") == 0)

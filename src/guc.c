@@ -7,6 +7,7 @@
  */
 #include "dsmapper.h"
 
+#include "miscadmin.h"
 #include "utils/guc.h"
 
 /* Workers across the whole cluster; needs a restart to change. */
@@ -33,15 +34,20 @@ static const struct config_enum_entry log_level_options[] = {
 void
 dsm_define_gucs(void)
 {
-	DefineCustomIntVariable("dsmapper.max_workers",
-							"Maximum number of dsmapper background workers in the cluster.",
-							"Zero disables the background workers; jobs then run only "
-							"through dsmapper_run().",
-							&dsm_max_workers,
-							4, 0, 256,
-							PGC_POSTMASTER,
-							0,
-							NULL, NULL, NULL);
+	/*
+	 * A restart-only parameter can only be defined while preloading; loaded
+	 * later, the library has no workers to size anyway.
+	 */
+	if (process_shared_preload_libraries_in_progress)
+		DefineCustomIntVariable("dsmapper.max_workers",
+								"Maximum number of dsmapper background workers in the cluster.",
+								"Zero disables the background workers; jobs then run only "
+								"through dsmapper_run().",
+								&dsm_max_workers,
+								4, 0, 256,
+								PGC_POSTMASTER,
+								0,
+								NULL, NULL, NULL);
 
 	DefineCustomIntVariable("dsmapper.worker_idle_timeout",
 							"Time an idle dsmapper worker waits for new work before it exits.",
