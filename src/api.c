@@ -661,7 +661,10 @@ dsmapper_abort(PG_FUNCTION_ARGS)
 							 " WHERE job_id OPERATOR(pg_catalog.=) $1 LIMIT 1",
 							 1, types, values, &has_shards);
 		if (has_shards)
+		{
 			dsm_rollup_job(job_id);
+			dsm_cancel_job_pages_at_commit(job_id);
+		}
 		else
 		{
 			dsm_spi_exec("DELETE FROM dsmapper.queue WHERE job_id OPERATOR(pg_catalog.=) $1",

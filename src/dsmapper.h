@@ -49,6 +49,7 @@
 extern int	dsm_max_workers;
 extern int	dsm_worker_idle_timeout;
 extern int	dsm_log_level_jobs;
+extern int	dsm_page_timeout;
 extern void dsm_define_gucs(void);
 
 /*
@@ -73,6 +74,8 @@ typedef struct DsmWorkerSlot
 	pid_t		pid;
 	Latch	   *latch;
 	uint64		incarnation;
+	int64		job_id;			/* task in hand, 0 when none */
+	int32		shard;
 } DsmWorkerSlot;
 
 typedef struct DsmDatabase
@@ -105,6 +108,8 @@ extern void dsm_request_wakeup_at_commit(void);
 extern void dsm_wake_database(Oid dboid);
 extern void dsm_announce_job_state_change(void);
 extern DsmDatabase *dsm_find_database(Oid dboid, bool create);
+extern int	dsm_cancel_job_pages(Oid dboid, int64 job_id);
+extern void dsm_cancel_job_pages_at_commit(int64 job_id);
 
 /* launcher.c and worker.c */
 extern void dsm_register_launcher(void);

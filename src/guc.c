@@ -16,6 +16,9 @@ int			dsm_max_workers = 4;
 /* Seconds an idle worker waits for new work before giving its slot back. */
 int			dsm_worker_idle_timeout = 60;
 
+/* Longest a page may run in a worker, in milliseconds; 0: no limit. */
+int			dsm_page_timeout = 0;
+
 /* Level of the job start and end messages. */
 int			dsm_log_level_jobs = LOG;
 
@@ -56,6 +59,16 @@ dsm_define_gucs(void)
 							60, 1, 86400,
 							PGC_SIGHUP,
 							GUC_UNIT_S,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("dsmapper.page_timeout",
+							"Longest time a page may run in a background worker.",
+							"A page that runs longer is canceled and retried like any "
+							"transient error.  Zero means no limit.",
+							&dsm_page_timeout,
+							0, 0, INT_MAX,
+							PGC_SUSET,
+							GUC_UNIT_MS,
 							NULL, NULL, NULL);
 
 	DefineCustomEnumVariable("dsmapper.log_level",

@@ -18,6 +18,9 @@
 #include "miscadmin.h"
 #include "storage/ipc.h"
 #include "storage/shmem.h"
+#include "utils/memutils.h"
+
+#include <signal.h>
 
 DsmShared  *dsm_shared = NULL;
 
@@ -25,6 +28,7 @@ static shmem_request_hook_type prev_shmem_request_hook = NULL;
 static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
 
 static bool wakeup_pending = false;
+static List *cancel_jobs_pending = NIL;	/* job ids, in TopMemoryContext */
 static bool state_change_pending = false;
 static bool xact_callback_registered = false;
 
@@ -190,7 +194,30 @@ dsm_wake_database(Oid dboid)
 				SetLatch(slot->latch);
 		}
 		if (live == 0)
+		{
+			bool		free_slot = false;
+			int			idle_elsewhere = -1;
+
 			wake_launcher = true;
+
+			/*
+			 * With every slot taken, ask an idle worker of another database
+			 * to give its slot up (worker.c checks for waiting databases
+			 * whenever it has nothing to do).
+			 */
+			for (int i = 0; i < dsm_shared->nslots; i++)
+			{
+				DsmWorkerSlot *slot = &dsm_shared->slots[i];
+
+				if (slot->state == DSM_SLOT_FREE)
+					free_slot = true;
+				else if (slot->state == DSM_SLOT_IDLE && slot->latch != NULL &&
+						 idle_elsewhere < 0)
+					idle_elsewhere = i;
+			}
+			if (!free_slot && idle_elsewhere >= 0)
+				SetLatch(dsm_shared->slots[idle_elsewhere].latch);
+		}
 	}
 	if (wake_launcher && dsm_shared->launcher_latch != NULL)
 		SetLatch(dsm_shared->launcher_latch);
@@ -208,11 +235,21 @@ dsm_xact_callback(XactEvent event, void *arg)
 				dsm_wake_database(MyDatabaseId);
 			if (state_change_pending && dsm_shared != NULL)
 				ConditionVariableBroadcast(&dsm_shared->job_state_cv);
+			{
+				ListCell   *lc;
+
+				foreach(lc, cancel_jobs_pending)
+					(void) dsm_cancel_job_pages(MyDatabaseId, *(int64 *) lfirst(lc));
+			}
+			list_free_deep(cancel_jobs_pending);
+			cancel_jobs_pending = NIL;
 			wakeup_pending = false;
 			state_change_pending = false;
 			break;
 		case XACT_EVENT_ABORT:
 		case XACT_EVENT_PARALLEL_ABORT:
+			list_free_deep(cancel_jobs_pending);
+			cancel_jobs_pending = NIL;
 			wakeup_pending = false;
 			state_change_pending = false;
 			break;
@@ -243,6 +280,22 @@ dsm_request_wakeup_at_commit(void)
 }
 
 /*
+ * dsm_cancel_job_pages_at_commit arranges for the pages in flight of a job
+ * to be canceled once the current transaction commits (an abort).
+ */
+void
+dsm_cancel_job_pages_at_commit(int64 job_id)
+{
+	MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
+	int64	   *id = palloc(sizeof(int64));
+
+	*id = job_id;
+	cancel_jobs_pending = lappend(cancel_jobs_pending, id);
+	MemoryContextSwitchTo(old);
+	dsm_register_xact_callback();
+}
+
+/*
  * dsm_announce_job_state_change wakes dsmapper_wait() callers when the
  * current transaction commits.  Inside a transaction.
  */
@@ -251,4 +304,33 @@ dsm_announce_job_state_change(void)
 {
 	dsm_register_xact_callback();
 	state_change_pending = true;
+}
+
+/*
+ * dsm_cancel_job_pages cancels the pages that workers of a database are
+ * running for a job (SIGINT, as pg_cancel_backend does), so an abort does
+ * not wait for a long page.  The worker rolls the page back and, seeing
+ * the job aborting, aborts the shard.  Returns the number of workers
+ * signalled.
+ */
+int
+dsm_cancel_job_pages(Oid dboid, int64 job_id)
+{
+	int			signalled = 0;
+
+	if (dsm_shared == NULL)
+		return 0;
+
+	LWLockAcquire(dsm_shared->lock, LW_SHARED);
+	for (int i = 0; i < dsm_shared->nslots; i++)
+	{
+		DsmWorkerSlot *slot = &dsm_shared->slots[i];
+
+		if (slot->dboid == dboid && slot->job_id == job_id &&
+			slot->state == DSM_SLOT_BUSY && slot->pid != 0 &&
+			kill(slot->pid, SIGINT) == 0)
+			signalled++;
+	}
+	LWLockRelease(dsm_shared->lock);
+	return signalled;
 }

@@ -42,6 +42,7 @@
 #include "utils/resowner.h"
 #include "utils/snapmgr.h"
 #include "utils/syscache.h"
+#include "utils/timeout.h"
 #include "utils/timestamp.h"
 
 int64		dsm_current_job_id = 0;
@@ -206,6 +207,31 @@ record_failure(TurnState *ts, ErrorData *edata)
 
 	page_begin(ts);
 	dsm_enter_internal(&internal);
+
+	/*
+	 * A job that was paused or aborted meanwhile (abort cancels pages in
+	 * flight) settles the shard instead: that failure is not the page's.
+	 */
+	{
+		Oid			jtypes[1] = {INT8OID};
+		Datum		jvalues[1] = {Int64GetDatum(ts->job_id)};
+		char	   *state = NULL;
+
+		if (SPI_execute_with_args("SELECT state FROM dsmapper.job"
+								  " WHERE job_id OPERATOR(pg_catalog.=) $1",
+								  1, jtypes, jvalues, NULL, false, 0) == SPI_OK_SELECT &&
+			SPI_processed == 1)
+			state = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
+		if (state == NULL || strcmp(state, "paused") == 0 ||
+			strcmp(state, "aborting") == 0)
+		{
+			if (state != NULL)
+				dsm_settle_shard(ts->job_id, ts->shard, state);
+			dsm_leave(&internal);
+			page_commit(ts);
+			return;
+		}
+	}
 
 	if (SPI_execute_with_args("UPDATE dsmapper.shard SET"
 							  " attempts = attempts OPERATOR(pg_catalog.+) 1,"
@@ -761,10 +787,19 @@ run_shard_turn(TurnState *ts, TimestampTz deadline)
 		{
 			int64		rows;
 
+			/*
+			 * In a worker, dsmapper.page_timeout bounds the page through
+			 * the statement timeout, which cancels it with SQLSTATE 57014,
+			 * a transient error.  A session keeps its own statement_timeout.
+			 */
+			if (!ts->in_session && dsm_page_timeout > 0)
+				enable_timeout_after(STATEMENT_TIMEOUT, dsm_page_timeout);
 			dsm_enter_internal(&internal);
 			rows = map_page(ts, &done);
 			dsm_leave(&internal);
 			page_commit(ts);
+			if (!ts->in_session && dsm_page_timeout > 0)
+				disable_timeout(STATEMENT_TIMEOUT, false);
 			if (rows > 0)
 				pages++;
 			elog(DEBUG1, "dsmapper job " INT64_FORMAT " shard %d: page of "
@@ -772,8 +807,11 @@ run_shard_turn(TurnState *ts, TimestampTz deadline)
 		}
 		PG_CATCH();
 		{
-			ErrorData  *edata = page_abort(ts);
+			ErrorData  *edata;
 
+			if (!ts->in_session && dsm_page_timeout > 0)
+				disable_timeout(STATEMENT_TIMEOUT, false);
+			edata = page_abort(ts);
 			if (ts->in_session && edata->sqlerrcode == ERRCODE_QUERY_CANCELED)
 				ReThrowError(edata);
 			record_failure(ts, edata);

@@ -29,6 +29,7 @@
 #include "postmaster/bgworker.h"
 #include "postmaster/interrupt.h"
 #include "storage/ipc.h"
+#include "storage/lock.h"
 #include "storage/proc.h"
 #include "tcop/tcopprot.h"
 #include "utils/guc.h"
@@ -43,6 +44,7 @@ typedef struct DsmWorkerExtra
 } DsmWorkerExtra;
 
 static int	my_slot = -1;
+static sigjmp_buf recovery_point;
 
 /*
  * worker_detach marks our slot as exiting so no one counts on it; the
@@ -153,10 +155,10 @@ void
 dsm_worker_main(Datum main_arg)
 {
 	DsmWorkerExtra extra;
-	DsmWorkerSlot *slot;
+	DsmWorkerSlot *volatile slot;
 	DsmDatabase *db;
 	Oid			dboid;
-	TimestampTz last_work;
+	volatile TimestampTz last_work;
 
 	my_slot = DatumGetInt32(main_arg);
 	memcpy(&extra, MyBgworkerEntry->bgw_extra, sizeof(extra));
@@ -194,6 +196,33 @@ dsm_worker_main(Datum main_arg)
 					PGC_SUSET, PGC_S_OVERRIDE);
 
 	last_work = GetCurrentTimestamp();
+
+	/*
+	 * Errors that escape a turn's own handling (a cancel that lands between
+	 * pages, a broken internal table) end up here: report, clean up, back
+	 * off a second, and carry on rather than exit.
+	 */
+	if (sigsetjmp(recovery_point, 1) != 0)
+	{
+		error_context_stack = NULL;
+		HOLD_INTERRUPTS();
+		EmitErrorReport();
+		AbortOutOfAnyTransaction();
+		LockReleaseSession(USER_LOCKMETHOD);
+		MemoryContextSwitchTo(TopMemoryContext);
+		FlushErrorState();
+		QueryCancelPending = false;
+		LWLockAcquire(dsm_shared->lock, LW_EXCLUSIVE);
+		slot->job_id = 0;
+		slot->shard = 0;
+		LWLockRelease(dsm_shared->lock);
+		pgstat_report_activity(STATE_IDLE, NULL);
+		RESUME_INTERRUPTS();
+		(void) WaitLatch(MyLatch, WL_TIMEOUT | WL_EXIT_ON_PM_DEATH, 1000L,
+						 PG_WAIT_EXTENSION);
+	}
+	PG_exception_stack = &recovery_point;
+
 	for (;;)
 	{
 		DsmTask		task;
@@ -238,7 +267,17 @@ dsm_worker_main(Datum main_arg)
 								   psprintf("dsmapper job " INT64_FORMAT " split", task.job_id) :
 								   psprintf("dsmapper job " INT64_FORMAT " shard %d",
 											task.job_id, task.shard));
+			LWLockAcquire(dsm_shared->lock, LW_EXCLUSIVE);
+			slot->job_id = task.job_id;
+			slot->shard = task.shard;
+			LWLockRelease(dsm_shared->lock);
+
 			(void) dsm_run_task(task.job_id, task.shard, false, 0);
+
+			LWLockAcquire(dsm_shared->lock, LW_EXCLUSIVE);
+			slot->job_id = 0;
+			slot->shard = 0;
+			LWLockRelease(dsm_shared->lock);
 			dsm_unlock_task(task.job_id, task.shard);
 			pgstat_report_activity(STATE_IDLE, NULL);
 			pfree(task.job_state);
@@ -278,18 +317,28 @@ dsm_worker_main(Datum main_arg)
 			LWLockRelease(dsm_shared->lock);
 			continue;
 		}
-		if (next_ready == 0 &&
-			(extra.probe ||
-			 TimestampDifferenceExceeds(last_work, now,
-										dsm_worker_idle_timeout * 1000)))
+		if ((next_ready == 0 &&
+			 (extra.probe ||
+			  TimestampDifferenceExceeds(last_work, now,
+										 dsm_worker_idle_timeout * 1000))) ||
+			other_database_waits(dboid))
 		{
+			/*
+			 * Leave, and tell the launcher this database needs no more
+			 * workers than those still working: nothing was ready for us.
+			 */
 			slot->state = DSM_SLOT_EXITING;
-			if (db && count_live_workers(dboid) == 0)
-				db->wanted = 0;
+			if (db)
+				db->wanted = Min(db->wanted, count_live_workers(dboid));
 			LWLockRelease(dsm_shared->lock);
+			if (next_ready != 0)
+				dsm_wake_database(dboid);
 			proc_exit(0);
 		}
 		slot->state = DSM_SLOT_IDLE;
+		/* Nothing ready: no more workers needed than are working now. */
+		if (db)
+			db->wanted = Min(db->wanted, count_live_workers(dboid));
 		LWLockRelease(dsm_shared->lock);
 
 		timeout_ms = dsm_worker_idle_timeout * 1000L -
