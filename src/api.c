@@ -887,6 +887,31 @@ dsmapper_wait(PG_FUNCTION_ARGS)
 		owner = (Oid) dsm_spi_int64("SELECT owner::int8 FROM dsmapper.job"
 									" WHERE job_id OPERATOR(pg_catalog.=) $1",
 									1, types, values, &found);
+
+		/*
+		 * A job launched or steered by this very transaction cannot move
+		 * until it commits: waiting would only run into the timeout.
+		 */
+		if (found &&
+			SPI_execute_with_args("SELECT xmin FROM dsmapper.job"
+								  " WHERE job_id OPERATOR(pg_catalog.=) $1"
+								  " AND state OPERATOR(pg_catalog.<>) ALL ('{succeeded,failed,aborted}'::text[])",
+								  1, types, values, NULL, false, 0) == SPI_OK_SELECT &&
+			SPI_processed == 1)
+		{
+			bool		isnull;
+			TransactionId xmin = DatumGetTransactionId(SPI_getbinval(SPI_tuptable->vals[0],
+																	 SPI_tuptable->tupdesc,
+																	 1, &isnull));
+
+			if (TransactionIdIsCurrentTransactionId(xmin))
+				ereport(ERROR,
+						(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+						 errmsg("job " INT64_FORMAT " was launched or changed in the current transaction",
+								job_id),
+						 errdetail("Workers cannot see the change before the transaction commits."),
+						 errhint("Commit first, then wait for the job.")));
+		}
 	}
 	dsm_leave(&internal);
 	if (!found)

@@ -26,6 +26,8 @@
 
 #include "catalog/pg_type.h"
 #include "commands/async.h"
+#include "commands/dbcommands.h"
+#include "miscadmin.h"
 #include "executor/spi.h"
 #include "utils/builtins.h"
 #include "utils/timestamp.h"
@@ -304,10 +306,10 @@ dsm_rollup_job(int64 job_id)
 	dsm_set_job_state(job_id, outcome, failed > 0 ? error : NULL);
 
 	ereport(dsm_log_level_jobs,
-			(errmsg("dsmapper job " INT64_FORMAT " %s after %.1f s: "
+			(errmsg("dsmapper job " INT64_FORMAT " in database \"%s\" %s after %.1f s: "
 					INT64_FORMAT " rows in " INT64_FORMAT " shards, "
 					INT64_FORMAT " failed, " INT64_FORMAT " aborted",
-					job_id, outcome, seconds, processed, nshards,
-					failed, aborted),
+					job_id, get_database_name(MyDatabaseId), outcome, seconds,
+					processed, nshards, failed, aborted),
 			 errhidestmt(true)));
 }

@@ -26,6 +26,7 @@
 #include "access/xact.h"
 #include "catalog/pg_proc.h"
 #include "catalog/pg_type.h"
+#include "commands/dbcommands.h"
 #include "common/pg_prng.h"
 #include "executor/spi.h"
 #include "miscadmin.h"
@@ -912,8 +913,9 @@ run_split(TurnState *ts)
 			dsm_request_wakeup_at_commit();
 
 			ereport(dsm_log_level_jobs,
-					(errmsg("dsmapper job " INT64_FORMAT " started: mapper \"%s\" on %s, %d shards, %s" INT64_FORMAT " rows",
-							ts->job_id, job->mapper, job->relation_name,
+					(errmsg("dsmapper job " INT64_FORMAT " in database \"%s\" started: mapper \"%s\" on %s, %d shards, %s" INT64_FORMAT " rows",
+							ts->job_id, get_database_name(MyDatabaseId),
+							job->mapper, job->relation_name,
 							split->nshards, split->exact ? "" : "about ",
 							expected_total),
 					 errhidestmt(true)));
@@ -955,8 +957,9 @@ run_split(TurnState *ts)
 					dsm_set_job_state(ts->job_id, "failed",
 									  psprintf("could not split: %s", edata->message));
 					ereport(dsm_log_level_jobs,
-							(errmsg("dsmapper job " INT64_FORMAT " failed: could not split: %s",
-									ts->job_id, edata->message),
+							(errmsg("dsmapper job " INT64_FORMAT " in database \"%s\" failed: could not split: %s",
+									ts->job_id, get_database_name(MyDatabaseId),
+									edata->message),
 							 errhidestmt(true)));
 				}
 			}

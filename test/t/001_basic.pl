@@ -80,10 +80,10 @@ is( $node->safe_psql(
 # Server log: start and end at LOG.
 {
 	local $PostgreSQL::Test::Utils::timeout_default = 30;
-	ok($node->wait_for_log(qr/LOG:\s+dsmapper job $job started/, $log_offset),
+	ok($node->wait_for_log(qr/LOG:\s+dsmapper job $job in database "[^"]+" started/, $log_offset),
 		'job start is logged');
 	ok( $node->wait_for_log(
-			qr/LOG:\s+dsmapper job $job succeeded after [0-9.]+ s: $rows rows in $info->{shards} shards, 0 failed, 0 aborted/,
+			qr/LOG:\s+dsmapper job $job in database "[^"]+" succeeded after [0-9.]+ s: $rows rows in $info->{shards} shards, 0 failed, 0 aborted/,
 			$log_offset),
 		'job end is logged with runtime and row counts');
 }

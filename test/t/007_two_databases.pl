@@ -82,7 +82,7 @@ is($node->safe_psql('plain', 'SELECT count(*) FROM untouched'),
 my $log = log_since($node, $log_offset);
 unlike($log, qr/(ERROR|FATAL|PANIC).*/, 'no errors in the server log')
   or diag(join("\n", grep { /ERROR|FATAL|PANIC/ } split /\n/, $log));
-my @ends = ($log =~ /dsmapper job (\d+) succeeded after/g);
+my @ends = ($log =~ /dsmapper job (\d+) in database "[^"]+" succeeded after/g);
 is(join(',', sort @ends), join(',', sort ($job1, $job2)),
 	'the end of both jobs is logged');
 
