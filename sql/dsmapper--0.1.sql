@@ -40,6 +40,11 @@ CREATE TABLE dsmapper.job (
     max_attempts    integer NOT NULL,
     owner           oid NOT NULL,
     search_path     text NOT NULL,
+    -- tuning, changed on a running job by dsmapper_tune(); NULL: off
+    max_running_shards integer,
+    rows_per_second double precision,
+    page_delay      interval,
+    target_page_time interval,
     state           text NOT NULL DEFAULT 'starting'
                     CHECK (state IN ('starting', 'running', 'paused',
                                      'aborting', 'aborted', 'succeeded',
@@ -155,7 +160,13 @@ SELECT j.job_id,
        j.created,
        j.updated,
        j.finished,
-       j.error
+       j.error,
+       j.page_size,
+       j.max_running_shards,
+       j.rows_per_second,
+       j.page_delay,
+       j.target_page_time,
+       coalesce(s.shards_running, 0) AS shards_running
   FROM dsmapper.job j
   LEFT JOIN LATERAL (
        SELECT count(*)::integer AS shards,
@@ -163,6 +174,7 @@ SELECT j.job_id,
                   AS shards_done,
               count(*) FILTER (WHERE x.state = 'failed')::integer
                   AS shards_failed,
+              count(*) FILTER (WHERE x.in_turn)::integer AS shards_running,
               sum(x.processed)::bigint AS processed,
               CASE WHEN j.track_progress AND count(*) > 0
                         AND bool_and(x.expected IS NOT NULL)
@@ -247,7 +259,8 @@ RETURNS text
 LANGUAGE C VOLATILE
 AS 'MODULE_PATHNAME', 'dsmapper_retry';
 
-CREATE FUNCTION dsmapper_wait(job bigint, timeout interval DEFAULT NULL)
+CREATE FUNCTION dsmapper_wait(job bigint, timeout interval DEFAULT NULL,
+                              progress boolean DEFAULT false)
 RETURNS text
 LANGUAGE C VOLATILE
 AS 'MODULE_PATHNAME', 'dsmapper_wait';
@@ -266,3 +279,18 @@ CREATE FUNCTION dsmapper_run(max_duration interval DEFAULT '1 minute')
 RETURNS bigint
 LANGUAGE C VOLATILE
 AS 'MODULE_PATHNAME', 'dsmapper_run';
+
+CREATE FUNCTION dsmapper_tune(job bigint,
+                              page_size integer DEFAULT NULL,
+                              max_running_shards integer DEFAULT NULL,
+                              rows_per_second double precision DEFAULT NULL,
+                              page_delay interval DEFAULT NULL,
+                              target_page_time interval DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE C VOLATILE
+AS 'MODULE_PATHNAME', 'dsmapper_tune';
+
+CREATE FUNCTION dsmapper_forget(job bigint)
+RETURNS boolean
+LANGUAGE C VOLATILE
+AS 'MODULE_PATHNAME', 'dsmapper_forget';

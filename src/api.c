@@ -45,6 +45,8 @@ PG_FUNCTION_INFO_V1(dsmapper_wait);
 PG_FUNCTION_INFO_V1(dsmapper_current_job);
 PG_FUNCTION_INFO_V1(dsmapper_current_shard);
 PG_FUNCTION_INFO_V1(dsmapper_run);
+PG_FUNCTION_INFO_V1(dsmapper_tune);
+PG_FUNCTION_INFO_V1(dsmapper_forget);
 
 #define DSM_MAX_SHARDS		1024
 #define DSM_MAX_PAGE_SIZE	1000000
@@ -845,6 +847,40 @@ dsmapper_retry(PG_FUNCTION_ARGS)
 	PG_RETURN_TEXT_P(cstring_to_text(state));
 }
 
+#define DSM_PROGRESS_EVERY_MS 2000
+
+/*
+ * progress_notice reports a job's progress as a NOTICE, for a live display
+ * in psql.  SPI connected, internal identity.
+ */
+static void
+progress_notice(int64 job_id)
+{
+	Oid			types[1] = {INT8OID};
+	Datum		values[1] = {Int64GetDatum(job_id)};
+	HeapTuple	t;
+	TupleDesc	d;
+
+	if (SPI_execute_with_args("SELECT state, processed, expected,"
+							  " coalesce(progress::text || '%', 'unknown'),"
+							  " coalesce(rate::text, '0'),"
+							  " coalesce(to_char(eta, 'YYYY-MM-DD HH24:MI:SS TZ'), 'unknown'),"
+							  " shards_done, shards"
+							  " FROM dsmapper.jobs WHERE job_id OPERATOR(pg_catalog.=) $1",
+							  1, types, values, NULL, false, 0) != SPI_OK_SELECT ||
+		SPI_processed != 1)
+		return;
+	t = SPI_tuptable->vals[0];
+	d = SPI_tuptable->tupdesc;
+	ereport(NOTICE,
+			(errmsg("job " INT64_FORMAT " %s: %s done, %s of %s rows, %s/%s shards, %s rows/s, ETA %s",
+					job_id, SPI_getvalue(t, d, 1), SPI_getvalue(t, d, 4),
+					SPI_getvalue(t, d, 2),
+					SPI_getvalue(t, d, 3) ? SPI_getvalue(t, d, 3) : "?",
+					SPI_getvalue(t, d, 7), SPI_getvalue(t, d, 8),
+					SPI_getvalue(t, d, 5), SPI_getvalue(t, d, 6))));
+}
+
 /*
  * dsmapper_wait(job bigint, timeout interval) blocks until the job is final
  * or the timeout passes, and returns its state.  Cancellable.
@@ -859,9 +895,13 @@ dsmapper_wait(PG_FUNCTION_ARGS)
 	Oid			owner;
 	bool		found;
 	MemoryContext cxt = CurrentMemoryContext;
+	bool		report_progress = false;
+	TimestampTz last_report = 0;
 
 	require_arg(fcinfo, 0, "job");
 	job_id = PG_GETARG_INT64(0);
+	if (PG_NARGS() > 2 && !PG_ARGISNULL(2))
+		report_progress = PG_GETARG_BOOL(2);
 	if (!PG_ARGISNULL(1))
 	{
 		Interval   *timeout = PG_GETARG_INTERVAL_P(1);
@@ -932,6 +972,14 @@ dsmapper_wait(PG_FUNCTION_ARGS)
 		CHECK_FOR_INTERRUPTS();
 		dsm_enter_internal(&internal);
 		state = current_state(job_id, cxt);
+		if (report_progress && state != NULL &&
+			(dsm_is_final_job_state(state) ||
+			 TimestampDifferenceExceeds(last_report, GetCurrentTimestamp(),
+										DSM_PROGRESS_EVERY_MS)))
+		{
+			progress_notice(job_id);
+			last_report = GetCurrentTimestamp();
+		}
 		dsm_leave(&internal);
 		if (state == NULL || dsm_is_final_job_state(state))
 			break;
@@ -1027,14 +1075,145 @@ dsmapper_run(PG_FUNCTION_ARGS)
 
 		PG_TRY();
 		{
-			pages += dsm_run_task(task.job_id, task.shard, true, deadline);
+			pages += dsm_run_task(&task, true, deadline);
 		}
 		PG_FINALLY();
 		{
-			dsm_unlock_task(task.job_id, task.shard);
+			dsm_release_task(&task);
 		}
 		PG_END_TRY();
 	} while (GetCurrentTimestamp() < deadline);
 
 	PG_RETURN_INT64(pages);
+}
+
+/*
+ * dsmapper_tune(job, page_size, max_running_shards, rows_per_second,
+ *				 page_delay, target_page_time) changes how a job runs; NULL
+ * leaves a setting as it is, zero turns a limit off.  Workers read the
+ * settings before every page.  Returns the settings after the call.
+ */
+Datum
+dsmapper_tune(PG_FUNCTION_ARGS)
+{
+	int64		job_id;
+	DsmIdentity internal;
+	MemoryContext cxt = CurrentMemoryContext;
+	Oid			types[6] = {INT8OID, INT4OID, INT4OID, FLOAT8OID, INTERVALOID,
+	INTERVALOID};
+	Datum		values[6];
+	char		nulls[6];
+	Datum		result;
+	bool		isnull;
+
+	require_arg(fcinfo, 0, "job");
+	job_id = PG_GETARG_INT64(0);
+
+	memset(nulls, ' ', sizeof(nulls));
+	values[0] = Int64GetDatum(job_id);
+	for (int i = 1; i < 6; i++)
+	{
+		if (PG_ARGISNULL(i))
+		{
+			nulls[i] = 'n';
+			values[i] = (Datum) 0;
+		}
+		else
+			values[i] = PG_GETARG_DATUM(i);
+	}
+
+	if (!PG_ARGISNULL(1))
+		check_int_range("page_size", PG_GETARG_INT32(1), 1, DSM_MAX_PAGE_SIZE);
+	if (!PG_ARGISNULL(2))
+		check_int_range("max_running_shards", PG_GETARG_INT32(2), 0, DSM_MAX_SHARDS);
+	if (!PG_ARGISNULL(3) &&
+		!(PG_GETARG_FLOAT8(3) >= 0 && PG_GETARG_FLOAT8(3) <= 1e12))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("rows_per_second must be between 0 and 1e12"),
+				 errhint("Zero removes the limit.")));
+	for (int i = 4; i <= 5; i++)
+	{
+		if (!PG_ARGISNULL(i))
+		{
+			Interval   *iv = PG_GETARG_INTERVAL_P(i);
+
+			if (iv->month != 0 || iv->day != 0 || iv->time < 0 ||
+				iv->time > INT64CONST(3600000000))
+				ereport(ERROR,
+						(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+						 errmsg("%s must be between 0 and 1 hour",
+								i == 4 ? "page_delay" : "target_page_time"),
+						 errhint("Zero turns it off.")));
+		}
+	}
+
+	SPI_connect();
+	(void) load_job_for_control(job_id, "tune", cxt);
+	dsm_enter_internal(&internal);
+	if (SPI_execute_with_args(
+			"UPDATE dsmapper.job SET"
+			" page_size = coalesce($2, page_size),"
+			" max_running_shards = CASE WHEN $3 IS NULL THEN max_running_shards"
+			"   WHEN $3 OPERATOR(pg_catalog.=) 0 THEN NULL ELSE $3 END,"
+			" rows_per_second = CASE WHEN $4 IS NULL THEN rows_per_second"
+			"   WHEN $4 OPERATOR(pg_catalog.=) 0 THEN NULL ELSE $4 END,"
+			" page_delay = CASE WHEN $5 IS NULL THEN page_delay"
+			"   WHEN $5 OPERATOR(pg_catalog.=) '0' THEN NULL ELSE $5 END,"
+			" target_page_time = CASE WHEN $6 IS NULL THEN target_page_time"
+			"   WHEN $6 OPERATOR(pg_catalog.=) '0' THEN NULL ELSE $6 END,"
+			" updated = pg_catalog.clock_timestamp()"
+			" WHERE job_id OPERATOR(pg_catalog.=) $1"
+			" RETURNING pg_catalog.jsonb_build_object("
+			"   'page_size', page_size,"
+			"   'max_running_shards', max_running_shards,"
+			"   'rows_per_second', rows_per_second,"
+			"   'page_delay', page_delay,"
+			"   'target_page_time', target_page_time)",
+			6, types, values, nulls, false, 0) != SPI_OK_UPDATE_RETURNING ||
+		SPI_processed != 1)
+		elog(ERROR, "dsmapper: could not tune job " INT64_FORMAT, job_id);
+	result = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	result = SPI_datumTransfer(result, false, -1);
+	dsm_leave(&internal);
+	SPI_finish();
+
+	/* A raised cap may let waiting shards run. */
+	dsm_request_wakeup_at_commit();
+	PG_RETURN_DATUM(result);
+}
+
+/*
+ * dsmapper_forget(job bigint) removes a finished job with its shards.
+ */
+Datum
+dsmapper_forget(PG_FUNCTION_ARGS)
+{
+	int64		job_id;
+	DsmJob	   *job;
+	DsmIdentity internal;
+	MemoryContext cxt = CurrentMemoryContext;
+	Oid			types[1] = {INT8OID};
+	Datum		values[1];
+
+	require_arg(fcinfo, 0, "job");
+	job_id = PG_GETARG_INT64(0);
+	values[0] = Int64GetDatum(job_id);
+
+	SPI_connect();
+	job = load_job_for_control(job_id, "forget", cxt);
+	if (!dsm_is_final_job_state(job->state))
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("cannot forget job " INT64_FORMAT " because it is %s",
+						job_id, job->state),
+				 errdetail("Only a succeeded, failed or aborted job can be removed."),
+				 errhint("Abort the job first.")));
+	dsm_enter_internal(&internal);
+	dsm_spi_exec("DELETE FROM dsmapper.job WHERE job_id OPERATOR(pg_catalog.=) $1",
+				 1, types, values, SPI_OK_DELETE);
+	dsm_leave(&internal);
+	SPI_finish();
+
+	PG_RETURN_BOOL(true);
 }

@@ -50,6 +50,7 @@ extern int	dsm_max_workers;
 extern int	dsm_worker_idle_timeout;
 extern int	dsm_log_level_jobs;
 extern int	dsm_page_timeout;
+extern int	dsm_history_retention;
 extern void dsm_define_gucs(void);
 
 /*
@@ -84,6 +85,7 @@ typedef struct DsmDatabase
 	int			wanted;			/* workers this database could use */
 	uint64		generation;		/* bumped whenever new work is committed */
 	bool		probe;			/* start one worker to look for work */
+	bool		starving;		/* new work waits for a busy worker's turn */
 } DsmDatabase;
 
 typedef struct DsmShared
@@ -102,6 +104,7 @@ typedef struct DsmShared
 extern DsmShared *dsm_shared;
 
 extern void dsm_shmem_request(void);
+extern void dsm_clear_starving(void);
 extern void dsm_shmem_install_hooks(void);
 extern bool dsm_workers_available(void);
 extern void dsm_request_wakeup_at_commit(void);
@@ -155,6 +158,15 @@ typedef struct DsmKey
 	Oid		   *output_funcs;
 } DsmKey;
 
+/* A claimed piece of work (queue.c). */
+typedef struct DsmTask
+{
+	int64		job_id;
+	int32		shard;
+	int32		running_slot;	/* job's running-shard slot held, or -1 */
+	char	   *job_state;
+} DsmTask;
+
 /* Saved identity for dsm_enter_owner / dsm_enter_internal. */
 typedef struct DsmIdentity
 {
@@ -181,6 +193,9 @@ extern Datum dsm_text_array_datum(List *strings);
 extern List *dsm_text_array_list(Datum array);
 extern bool dsm_lock_task(int64 job_id, int32 shard, bool session, bool wait);
 extern void dsm_unlock_task(int64 job_id, int32 shard);
+extern bool dsm_lock_running_slot(int64 job_id, int32 slot);
+extern void dsm_unlock_running_slot(int64 job_id, int32 slot);
+extern void dsm_release_task(DsmTask *task);
 extern bool dsm_is_final_job_state(const char *state);
 
 /* splitter.c: runs as the job owner inside a transaction */
@@ -195,12 +210,6 @@ typedef struct DsmSplit
 extern DsmSplit *dsm_split_relation(DsmJob *job, DsmKey *key);
 
 /* queue.c */
-typedef struct DsmTask
-{
-	int64		job_id;
-	int32		shard;
-	char	   *job_state;
-} DsmTask;
 
 extern bool dsm_claim_task(DsmTask *task, int *ready_count,
 						   TimestampTz *next_ready);
@@ -212,8 +221,9 @@ extern void dsm_set_job_state(int64 job_id, const char *state,
 extern void dsm_notify_job_state(int64 job_id, const char *state);
 
 /* turn.c */
-extern int64 dsm_run_task(int64 job_id, int32 shard, bool in_session,
+extern int64 dsm_run_task(DsmTask *task, bool in_session,
 						  TimestampTz deadline);
+extern bool dsm_database_starving(void);
 extern int64 dsm_current_job_id;
 extern int32 dsm_current_shard_index;
 

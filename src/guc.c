@@ -19,6 +19,9 @@ int			dsm_worker_idle_timeout = 60;
 /* Longest a page may run in a worker, in milliseconds; 0: no limit. */
 int			dsm_page_timeout = 0;
 
+/* Seconds finished jobs are kept; 0 keeps them forever. */
+int			dsm_history_retention = 7 * 24 * 3600;
+
 /* Level of the job start and end messages. */
 int			dsm_log_level_jobs = LOG;
 
@@ -69,6 +72,16 @@ dsm_define_gucs(void)
 							0, 0, INT_MAX,
 							PGC_SUSET,
 							GUC_UNIT_MS,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("dsmapper.history_retention",
+							"How long finished jobs are kept in dsmapper.jobs.",
+							"Older finished jobs, with their shards, are removed when "
+							"another job finishes.  Zero keeps them forever.",
+							&dsm_history_retention,
+							7 * 24 * 3600, 0, INT_MAX,
+							PGC_SUSET,
+							GUC_UNIT_S,
 							NULL, NULL, NULL);
 
 	DefineCustomEnumVariable("dsmapper.log_level",

@@ -471,6 +471,42 @@ dsm_unlock_task(int64 job_id, int32 shard)
 	LockRelease(&tag, ExclusiveLock, true);
 }
 
+/*
+ * dsm_lock_running_slot takes one of the job's max_running_shards slots (a
+ * session lock in a second key space), never waiting.
+ */
+bool
+dsm_lock_running_slot(int64 job_id, int32 slot)
+{
+	LOCKTAG		tag;
+
+	SET_LOCKTAG_ADVISORY(tag, MyDatabaseId, (uint32) job_id, (uint32) slot,
+						 DSM_LOCK_SPACE + 1);
+	return LockAcquire(&tag, ExclusiveLock, true, true) != LOCKACQUIRE_NOT_AVAIL;
+}
+
+void
+dsm_unlock_running_slot(int64 job_id, int32 slot)
+{
+	LOCKTAG		tag;
+
+	SET_LOCKTAG_ADVISORY(tag, MyDatabaseId, (uint32) job_id, (uint32) slot,
+						 DSM_LOCK_SPACE + 1);
+	LockRelease(&tag, ExclusiveLock, true);
+}
+
+/*
+ * dsm_release_task gives up everything a claim took.
+ */
+void
+dsm_release_task(DsmTask *task)
+{
+	if (task->running_slot >= 0)
+		dsm_unlock_running_slot(task->job_id, task->running_slot);
+	task->running_slot = -1;
+	dsm_unlock_task(task->job_id, task->shard);
+}
+
 bool
 dsm_is_final_job_state(const char *state)
 {

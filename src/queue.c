@@ -55,7 +55,7 @@ dsm_claim_task(DsmTask *task, int *ready_count, TimestampTz *next_ready)
 	rc = SPI_execute("SELECT q.job_id, q.shard, j.state,"
 					 " q.ready_at OPERATOR(pg_catalog.<=) pg_catalog.clock_timestamp()"
 					 "   OR j.state OPERATOR(pg_catalog.=) ANY ('{paused,aborting}'::text[]),"
-					 " q.ready_at"
+					 " q.ready_at, j.max_running_shards"
 					 " FROM dsmapper.queue q JOIN dsmapper.job j"
 					 "   ON j.job_id OPERATOR(pg_catalog.=) q.job_id"
 					 " WHERE j.state OPERATOR(pg_catalog.=)"
@@ -107,6 +107,32 @@ dsm_claim_task(DsmTask *task, int *ready_count, TimestampTz *next_ready)
 			{
 				dsm_unlock_task(job_id, shard);
 				continue;
+			}
+		}
+
+		/*
+		 * A job with max_running_shards set runs at most that many shards
+		 * at once: each turn also holds one of the job's slots.
+		 */
+		task->running_slot = -1;
+		{
+			Datum		cap = SPI_getbinval(tuple, desc, 6, &isnull);
+
+			if (!isnull && shard != DSM_SPLIT_TASK)
+			{
+				for (int32 k = 0; k < DatumGetInt32(cap); k++)
+				{
+					if (dsm_lock_running_slot(job_id, k))
+					{
+						task->running_slot = k;
+						break;
+					}
+				}
+				if (task->running_slot < 0)
+				{
+					dsm_unlock_task(job_id, shard);
+					continue;
+				}
 			}
 		}
 
@@ -304,6 +330,22 @@ dsm_rollup_job(int64 job_id)
 		outcome = "succeeded";
 
 	dsm_set_job_state(job_id, outcome, failed > 0 ? error : NULL);
+
+	/*
+	 * Finished jobs are kept for dsmapper.history_retention; the end of a
+	 * job is when older ones are removed, so an idle system does nothing.
+	 */
+	if (dsm_history_retention > 0)
+	{
+		Oid			rtypes[1] = {INT8OID};
+		Datum		rvalues[1] = {Int64GetDatum((int64) dsm_history_retention)};
+
+		dsm_spi_exec("DELETE FROM dsmapper.job"
+					 " WHERE state OPERATOR(pg_catalog.=) ANY ('{succeeded,failed,aborted}'::text[])"
+					 " AND finished OPERATOR(pg_catalog.<) (pg_catalog.clock_timestamp()"
+					 " OPERATOR(pg_catalog.-) pg_catalog.make_interval(secs => $1))",
+					 1, rtypes, rvalues, SPI_OK_DELETE);
+	}
 
 	ereport(dsm_log_level_jobs,
 			(errmsg("dsmapper job " INT64_FORMAT " in database \"%s\" %s after %.1f s: "

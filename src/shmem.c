@@ -176,6 +176,9 @@ dsm_wake_database(Oid dboid)
 	}
 	else
 	{
+		int			idle = 0;
+		bool		any_free = false;
+
 		db->generation++;
 		if (db->wanted < 1)
 			db->wanted = 1;
@@ -184,6 +187,8 @@ dsm_wake_database(Oid dboid)
 		{
 			DsmWorkerSlot *slot = &dsm_shared->slots[i];
 
+			if (slot->state == DSM_SLOT_FREE)
+				any_free = true;
 			if (slot->dboid != dboid)
 				continue;
 			if (slot->state == DSM_SLOT_STARTING ||
@@ -191,7 +196,26 @@ dsm_wake_database(Oid dboid)
 				slot->state == DSM_SLOT_IDLE)
 				live++;
 			if (slot->state == DSM_SLOT_IDLE && slot->latch != NULL)
+			{
 				SetLatch(slot->latch);
+				idle++;
+			}
+		}
+
+		/*
+		 * Every worker here is in a turn: ask for one more if a slot is
+		 * free, else have a busy worker end its turn at the next page so
+		 * the new work gets a turn soon (round robin, worker.c).
+		 */
+		if (live > 0 && idle == 0)
+		{
+			if (any_free)
+			{
+				db->wanted = Min(dsm_shared->nslots, Max(db->wanted, live + 1));
+				wake_launcher = true;
+			}
+			else
+				db->starving = true;
 		}
 		if (live == 0)
 		{
@@ -333,4 +357,41 @@ dsm_cancel_job_pages(Oid dboid, int64 job_id)
 	}
 	LWLockRelease(dsm_shared->lock);
 	return signalled;
+}
+
+/*
+ * dsm_database_starving tells a worker in a turn that new work of its
+ * database is waiting for a turn.  Any process; false without workers.
+ */
+bool
+dsm_database_starving(void)
+{
+	DsmDatabase *db;
+	bool		starving = false;
+
+	if (!dsm_workers_available())
+		return false;
+	LWLockAcquire(dsm_shared->lock, LW_SHARED);
+	db = dsm_find_database(MyDatabaseId, false);
+	if (db != NULL)
+		starving = db->starving;
+	LWLockRelease(dsm_shared->lock);
+	return starving;
+}
+
+/*
+ * dsm_clear_starving is called after a claim: whoever waited got a turn.
+ */
+void
+dsm_clear_starving(void)
+{
+	DsmDatabase *db;
+
+	if (!dsm_workers_available())
+		return;
+	LWLockAcquire(dsm_shared->lock, LW_EXCLUSIVE);
+	db = dsm_find_database(MyDatabaseId, false);
+	if (db != NULL)
+		db->starving = false;
+	LWLockRelease(dsm_shared->lock);
 }

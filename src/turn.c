@@ -32,6 +32,7 @@
 #include "miscadmin.h"
 #include "parser/parse_coerce.h"
 #include "pgstat.h"
+#include "storage/latch.h"
 #include "utils/acl.h"
 #include "utils/array.h"
 #include "postmaster/interrupt.h"
@@ -73,6 +74,17 @@ typedef struct TurnState
 	bool		resume_inclusive;	/* resume is range_start: k >= resume */
 	char	   *first_key;		/* of the current page, for errors */
 	char	   *last_key;
+
+	/* Tuning, read again before every page (dsmapper_tune). */
+	int32		running_slot;	/* our max_running_shards slot, or -1 */
+	int			page_limit;		/* keys asked for by the current page */
+	int			adaptive_size;	/* page size chosen by target_page_time */
+	int			max_running;	/* 0: no cap */
+	double		rows_per_second;	/* 0: no limit */
+	int64		page_delay_ms;
+	int64		target_page_ms; /* 0: fixed page size */
+	int			shards_in_turn;
+	bool		stop_turn;		/* end the turn after this page */
 } TurnState;
 
 /*
@@ -497,9 +509,16 @@ map_page(TurnState *ts, bool *done)
 	SPITupleTable *page;
 	List	   *last = NIL;
 
-	/* 1. Is the job still running? */
-	rc = SPI_execute_with_args("SELECT state FROM dsmapper.job"
-							   " WHERE job_id OPERATOR(pg_catalog.=) $1",
+	/* 1. Is the job still running, and how is it tuned now? */
+	rc = SPI_execute_with_args("SELECT j.state, j.page_size,"
+							   " coalesce(j.max_running_shards, 0),"
+							   " coalesce(j.rows_per_second, 0),"
+							   " coalesce(extract(epoch FROM j.page_delay) * 1000, 0)::int8,"
+							   " coalesce(extract(epoch FROM j.target_page_time) * 1000, 0)::int8,"
+							   " (SELECT count(*) FROM dsmapper.shard s"
+							   "   WHERE s.job_id OPERATOR(pg_catalog.=) j.job_id AND s.in_turn)::int4"
+							   " FROM dsmapper.job j"
+							   " WHERE j.job_id OPERATOR(pg_catalog.=) $1",
 							   1, jtypes, jvalues, NULL, false, 0);
 	if (rc != SPI_OK_SELECT || SPI_processed != 1)
 	{
@@ -514,6 +533,31 @@ map_page(TurnState *ts, bool *done)
 		*done = true;
 		return 0;
 	}
+	{
+		HeapTuple	t = SPI_tuptable->vals[0];
+		TupleDesc	d = SPI_tuptable->tupdesc;
+		bool		isnull;
+		int			page_size = DatumGetInt32(SPI_getbinval(t, d, 2, &isnull));
+		int64		target = DatumGetInt64(SPI_getbinval(t, d, 6, &isnull));
+
+		ts->max_running = DatumGetInt32(SPI_getbinval(t, d, 3, &isnull));
+		ts->rows_per_second = DatumGetFloat8(SPI_getbinval(t, d, 4, &isnull));
+		ts->page_delay_ms = DatumGetInt64(SPI_getbinval(t, d, 5, &isnull));
+		ts->shards_in_turn = DatumGetInt32(SPI_getbinval(t, d, 7, &isnull));
+
+		/* A new target, or none, starts again from the configured size. */
+		if (target == 0 || target != ts->target_page_ms || ts->adaptive_size <= 0)
+			ts->adaptive_size = page_size;
+		ts->target_page_ms = target;
+		ts->page_limit = target > 0 ? ts->adaptive_size : page_size;
+
+		/* A lowered max_running_shards ends the turns above the cap. */
+		if (ts->running_slot >= 0 && ts->max_running > 0 &&
+			ts->running_slot >= ts->max_running)
+			ts->stop_turn = true;
+		else if (ts->running_slot < 0 && ts->max_running > 0)
+			ts->stop_turn = true;
+	}
 
 	/* 2. The next page of keys, read as the owner. */
 	initStringInfo(&sql);
@@ -527,7 +571,7 @@ map_page(TurnState *ts, bool *done)
 	if (job->filter)
 		appendStringInfo(&sql, " AND (%s\n)", job->filter);
 	appendStringInfo(&sql, " ORDER BY %s LIMIT %d",
-					 dsm_key_list_sql(ts->key, "__dsmapper_row"), job->page_size);
+					 dsm_key_list_sql(ts->key, "__dsmapper_row"), ts->page_limit);
 
 	dsm_enter_owner(&owner, job->owner, job->search_path);
 	rc = SPI_execute_with_args(sql.data, nargs, types, values, NULL, false, 0);
@@ -602,7 +646,7 @@ map_page(TurnState *ts, bool *done)
 			elog(ERROR, "dsmapper: could not write the checkpoint");
 	}
 
-	if (n < (uint64) job->page_size)
+	if (n < (uint64) ts->page_limit)
 	{
 		dsm_finish_shard(ts->job_id, ts->shard, "succeeded");
 		*done = true;
@@ -737,6 +781,53 @@ load_shard(TurnState *ts)
 }
 
 /*
+ * pace_pages adapts the page size to target_page_time and sleeps as
+ * page_delay and rows_per_second ask, after a committed page.  A job-wide
+ * rows_per_second is shared evenly by the shards in a turn.  Sleeps are
+ * interruptible and capped at a minute per page.
+ */
+static void
+pace_pages(TurnState *ts, int64 rows, long page_ms)
+{
+	int64		sleep_ms = ts->page_delay_ms;
+
+	if (ts->target_page_ms > 0 && rows >= ts->page_limit)
+	{
+		double		factor = (double) ts->target_page_ms / Max(page_ms, 1);
+
+		factor = Min(2.0, Max(0.5, factor));
+		ts->adaptive_size = (int) Min(1000000.0, Max(1.0, ts->page_limit * factor));
+	}
+
+	if (ts->rows_per_second > 0 && rows > 0)
+	{
+		double		share = ts->rows_per_second / Max(ts->shards_in_turn, 1);
+		int64		wanted_ms = (int64) (rows * 1000.0 / share);
+
+		sleep_ms = Max(sleep_ms, wanted_ms - page_ms);
+	}
+
+	sleep_ms = Min(sleep_ms, 60000);
+	if (sleep_ms > 0)
+	{
+		TimestampTz until = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
+														sleep_ms);
+
+		for (;;)
+		{
+			long		left = TimestampDifferenceMilliseconds(GetCurrentTimestamp(), until);
+
+			CHECK_FOR_INTERRUPTS();
+			if (left <= 0)
+				break;
+			(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+							 Min(left, 1000), PG_WAIT_EXTENSION);
+			ResetLatch(MyLatch);
+		}
+	}
+}
+
+/*
  * run_shard_turn maps pages of one shard until the turn is used up, the
  * shard is done, or an error ends the turn.  Returns the pages mapped.
  */
@@ -780,6 +871,9 @@ run_shard_turn(TurnState *ts, TimestampTz deadline)
 	/* Pages, at least one per turn. */
 	while (!done)
 	{
+		TimestampTz page_started;
+		long		page_ms;
+
 		CHECK_FOR_INTERRUPTS();
 
 		ts->first_key = ts->last_key = NULL;
@@ -796,13 +890,18 @@ run_shard_turn(TurnState *ts, TimestampTz deadline)
 			if (!ts->in_session && dsm_page_timeout > 0)
 				enable_timeout_after(STATEMENT_TIMEOUT, dsm_page_timeout);
 			dsm_enter_internal(&internal);
+			page_started = GetCurrentTimestamp();
 			rows = map_page(ts, &done);
 			dsm_leave(&internal);
 			page_commit(ts);
+			page_ms = TimestampDifferenceMilliseconds(page_started,
+													  GetCurrentTimestamp());
 			if (!ts->in_session && dsm_page_timeout > 0)
 				disable_timeout(STATEMENT_TIMEOUT, false);
 			if (rows > 0)
 				pages++;
+			if (!done)
+				pace_pages(ts, rows, page_ms);
 			elog(DEBUG1, "dsmapper job " INT64_FORMAT " shard %d: page of "
 				 INT64_FORMAT " rows", ts->job_id, ts->shard, rows);
 		}
@@ -820,7 +919,12 @@ run_shard_turn(TurnState *ts, TimestampTz deadline)
 		}
 		PG_END_TRY();
 
+		if (ts->stop_turn)
+			break;
 		if (ts->job->pages_per_task > 0 && pages >= ts->job->pages_per_task)
+			break;
+		/* New work waits while every worker is in a turn: make room. */
+		if (!ts->in_session && dsm_database_starving())
 			break;
 		if (turn_end != 0 && GetCurrentTimestamp() >= turn_end)
 			break;
@@ -978,9 +1082,11 @@ run_split(TurnState *ts)
  * when not 0, also ends the turn.
  */
 int64
-dsm_run_task(int64 job_id, int32 shard, bool in_session, TimestampTz deadline)
+dsm_run_task(DsmTask *task, bool in_session, TimestampTz deadline)
 {
 	TurnState	ts;
+	int64		job_id = task->job_id;
+	int32		shard = task->shard;
 	int64		pages = 0;
 	MemoryContext caller_cxt = CurrentMemoryContext;
 
@@ -992,6 +1098,7 @@ dsm_run_task(int64 job_id, int32 shard, bool in_session, TimestampTz deadline)
 	ts.caller_owner = CurrentResourceOwner;
 	ts.job_id = job_id;
 	ts.shard = shard;
+	ts.running_slot = task->running_slot;
 	MemoryContextSwitchTo(ts.cxt);
 
 	PG_TRY();

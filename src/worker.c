@@ -206,7 +206,18 @@ dsm_worker_main(Datum main_arg)
 	{
 		error_context_stack = NULL;
 		HOLD_INTERRUPTS();
-		EmitErrorReport();
+		{
+			ErrorData  *edata;
+
+			MemoryContextSwitchTo(TopMemoryContext);
+			edata = CopyErrorData();
+			FlushErrorState();
+			ereport(LOG,
+					(errmsg("dsmapper worker recovered from an error: %s",
+							edata->message ? edata->message : "unknown error"),
+					 errdetail("SQLSTATE %s.", unpack_sql_state(edata->sqlerrcode))));
+			FreeErrorData(edata);
+		}
 		AbortOutOfAnyTransaction();
 		LockReleaseSession(USER_LOCKMETHOD);
 		MemoryContextSwitchTo(TopMemoryContext);
@@ -272,13 +283,14 @@ dsm_worker_main(Datum main_arg)
 			slot->shard = task.shard;
 			LWLockRelease(dsm_shared->lock);
 
-			(void) dsm_run_task(task.job_id, task.shard, false, 0);
+			dsm_clear_starving();
+			(void) dsm_run_task(&task, false, 0);
 
 			LWLockAcquire(dsm_shared->lock, LW_EXCLUSIVE);
 			slot->job_id = 0;
 			slot->shard = 0;
 			LWLockRelease(dsm_shared->lock);
-			dsm_unlock_task(task.job_id, task.shard);
+			dsm_release_task(&task);
 			pgstat_report_activity(STATE_IDLE, NULL);
 			pfree(task.job_state);
 			last_work = GetCurrentTimestamp();
