@@ -294,3 +294,66 @@ CREATE FUNCTION dsmapper_forget(job bigint)
 RETURNS boolean
 LANGUAGE C VOLATILE
 AS 'MODULE_PATHNAME', 'dsmapper_forget';
+
+-- Recurring launches through pg_cron (src/schedule.c).
+CREATE TABLE dsmapper.schedule (
+    name            text PRIMARY KEY,
+    schedule        text NOT NULL,
+    mapper          text NOT NULL,
+    relation        oid NOT NULL,
+    params          jsonb NOT NULL,
+    shards          integer NOT NULL,
+    page_size       integer NOT NULL,
+    filter          text,
+    pages_per_task  integer NOT NULL,
+    task_duration   interval NOT NULL,
+    track_progress  boolean NOT NULL,
+    max_attempts    integer NOT NULL,
+    owner           oid NOT NULL,
+    cron_job        bigint,
+    last_job        bigint,
+    last_launch     timestamptz,
+    created         timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+REVOKE ALL ON dsmapper.schedule FROM PUBLIC;
+
+CREATE VIEW dsmapper.schedules WITH (security_barrier) AS
+SELECT s.name,
+       s.schedule,
+       s.mapper,
+       s.relation::regclass AS relation,
+       s.owner::regrole AS owner,
+       s.params,
+       s.cron_job,
+       s.last_job,
+       j.state AS last_state,
+       s.last_launch,
+       s.created
+  FROM dsmapper.schedule s
+  LEFT JOIN dsmapper.job j ON j.job_id = s.last_job
+ WHERE dsmapper.visible(s.owner);
+GRANT SELECT ON dsmapper.schedules TO PUBLIC;
+
+CREATE FUNCTION dsmapper_schedule(name text, schedule text, mapper text,
+                                  relation regclass,
+                                  params jsonb DEFAULT '{}',
+                                  shards integer DEFAULT 8,
+                                  page_size integer DEFAULT 1000,
+                                  filter text DEFAULT NULL,
+                                  pages_per_task integer DEFAULT 0,
+                                  task_duration interval DEFAULT '1 minute',
+                                  track_progress boolean DEFAULT true,
+                                  max_attempts integer DEFAULT 10)
+RETURNS bigint
+LANGUAGE C VOLATILE
+AS 'MODULE_PATHNAME', 'dsmapper_schedule';
+
+CREATE FUNCTION dsmapper_unschedule(name text)
+RETURNS boolean
+LANGUAGE C VOLATILE
+AS 'MODULE_PATHNAME', 'dsmapper_unschedule';
+
+CREATE FUNCTION dsmapper_launch_scheduled(name text)
+RETURNS bigint
+LANGUAGE C VOLATILE
+AS 'MODULE_PATHNAME', 'dsmapper_launch_scheduled';

@@ -183,6 +183,7 @@ extern void dsm_enter_internal(DsmIdentity *id);
 extern void dsm_enter_owner(DsmIdentity *id, Oid owner, const char *search_path);
 extern void dsm_leave(DsmIdentity *id);
 extern Oid	dsm_extension_owner(void);
+extern Oid	dsm_extension_schema(void);
 extern bool dsm_extension_exists(void);
 extern void dsm_check_filter_syntax(const char *filter);
 extern int64 dsm_spi_int64(const char *sql, int nargs, Oid *types,

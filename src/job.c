@@ -44,24 +44,51 @@
  * dsm_extension_owner returns the role that owns the dsmapper extension in
  * the current database.  Inside a transaction; errors if not installed.
  */
-Oid
-dsm_extension_owner(void)
+static void
+read_extension_row(Oid *owner, Oid *schema)
 {
 	Relation	rel;
 	ScanKeyData key;
 	SysScanDesc scan;
 	HeapTuple	tuple;
-	Oid			owner = InvalidOid;
 
+	*owner = InvalidOid;
+	*schema = InvalidOid;
 	rel = table_open(ExtensionRelationId, AccessShareLock);
 	ScanKeyInit(&key, Anum_pg_extension_extname, BTEqualStrategyNumber,
 				F_NAMEEQ, CStringGetDatum(DSM_EXTENSION_NAME));
 	scan = systable_beginscan(rel, ExtensionNameIndexId, true, NULL, 1, &key);
 	tuple = systable_getnext(scan);
 	if (HeapTupleIsValid(tuple))
-		owner = ((Form_pg_extension) GETSTRUCT(tuple))->extowner;
+	{
+		*owner = ((Form_pg_extension) GETSTRUCT(tuple))->extowner;
+		*schema = ((Form_pg_extension) GETSTRUCT(tuple))->extnamespace;
+	}
 	systable_endscan(scan);
 	table_close(rel, AccessShareLock);
+}
+
+/*
+ * dsm_extension_schema returns the schema holding the API functions.
+ * Inside a transaction.
+ */
+Oid
+dsm_extension_schema(void)
+{
+	Oid			owner;
+	Oid			schema;
+
+	read_extension_row(&owner, &schema);
+	return schema;
+}
+
+Oid
+dsm_extension_owner(void)
+{
+	Oid			owner;
+	Oid			schema;
+
+	read_extension_row(&owner, &schema);
 
 	if (!OidIsValid(owner))
 		ereport(ERROR,
