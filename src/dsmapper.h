@@ -21,6 +21,8 @@
  *	splitter.c	choosing shard ranges by sampling keys
  *	job.c		loading jobs, key metadata, running as owner or internally
  *	api.c		SQL-callable functions
+ *	schedule.c	recurring launches through pg_cron
+ *	utility.c	getting workers out of the way of DROP DATABASE
  *
  *-------------------------------------------------------------------------
  */
@@ -113,6 +115,9 @@ extern void dsm_announce_job_state_change(void);
 extern DsmDatabase *dsm_find_database(Oid dboid, bool create);
 extern int	dsm_cancel_job_pages(Oid dboid, int64 job_id);
 extern void dsm_cancel_job_pages_at_commit(int64 job_id);
+
+/* utility.c */
+extern void dsm_install_utility_hook(void);
 
 /* launcher.c and worker.c */
 extern void dsm_register_launcher(void);

@@ -30,6 +30,7 @@ _PG_init(void)
 		return;
 
 	dsm_shmem_install_hooks();
+	dsm_install_utility_hook();
 	if (dsm_max_workers > 0)
 		dsm_register_launcher();
 }
