@@ -128,7 +128,7 @@ check_mapper_name(const char *mapper)
 				 errmsg("mapper id is too long"),
 				 errdetail("A mapper id has at most %d bytes.", DSM_MAX_MAPPER_LEN)));
 	for (const char *p = mapper; *p; p++)
-		if ((unsigned char) *p < 0x20)
+		if ((unsigned char) *p < 0x20 || (unsigned char) *p == 0x7f)
 			ereport(ERROR,
 					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 					 errmsg("mapper id must not contain control characters")));
@@ -363,8 +363,11 @@ dsmapper_launch(PG_FUNCTION_ARGS)
 	check_int_range("page_size", page_size, 1, DSM_MAX_PAGE_SIZE);
 	check_int_range("pages_per_task", pages_per_task, 0, PG_INT32_MAX);
 	check_int_range("max_attempts", max_attempts, 1, DSM_MAX_ATTEMPTS);
-	if (task_duration->month != 0 || task_duration->day != 0 ||
-		task_duration->time <= 0 || task_duration->time > INT64CONST(86400000000))
+	if (task_duration->month != 0 || task_duration->day < 0 ||
+		task_duration->day > 1 ||
+		task_duration->time + (int64) task_duration->day * USECS_PER_DAY <= 0 ||
+		task_duration->time + (int64) task_duration->day * USECS_PER_DAY >
+		INT64CONST(86400000000))
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("task_duration must be positive and at most 1 day"),
@@ -412,7 +415,8 @@ dsmapper_launch(PG_FUNCTION_ARGS)
 	if (!HeapTupleIsValid(proctup))
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_FUNCTION),
-				 errmsg("function of mapper \"%s\" no longer exists", mapper)));
+				 errmsg("function of mapper \"%s\" no longer exists", mapper),
+				 errhint("Register the mapper again with dsmapper_register(..., replace => true).")));
 	ReleaseSysCache(proctup);
 	check_mapper_signature(fn);
 	if (pg_proc_aclcheck(fn, caller, ACL_EXECUTE) != ACLCHECK_OK)
@@ -456,10 +460,28 @@ dsmapper_launch(PG_FUNCTION_ARGS)
 	/* The filter: valid SQL over the table's columns, boolean, as caller. */
 	if (filter != NULL)
 	{
-		SPIPlanPtr	plan;
+		SPIPlanPtr	plan = NULL;
+		MemoryContext cxt = CurrentMemoryContext;
 
-		plan = SPI_prepare(psprintf("SELECT 1 FROM %s AS __dsmapper_row WHERE (%s\n) LIMIT 0",
-									relation_name, filter), 0, NULL);
+		PG_TRY();
+		{
+			plan = SPI_prepare(psprintf("SELECT 1 FROM %s AS __dsmapper_row WHERE (%s\n) LIMIT 0",
+										relation_name, filter), 0, NULL);
+		}
+		PG_CATCH();
+		{
+			ErrorData  *edata;
+
+			MemoryContextSwitchTo(cxt);
+			edata = CopyErrorData();
+			FlushErrorState();
+			ereport(ERROR,
+					(errcode(edata->sqlerrcode),
+					 errmsg("invalid filter: %s", edata->message),
+					 errdetail("The filter was: %s", filter),
+					 edata->hint ? errhint("%s", edata->hint) : 0));
+		}
+		PG_END_TRY();
 		if (plan == NULL)
 			elog(ERROR, "dsmapper: could not check the filter");
 		SPI_freeplan(plan);

@@ -31,6 +31,8 @@
 #include "miscadmin.h"
 #include "nodes/parsenodes.h"
 #include "parser/parser.h"
+#include "parser/scanner.h"
+#include "common/keywords.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/fmgroids.h"
@@ -413,13 +415,72 @@ dsm_quoted_relation_name(Oid relid)
 void
 dsm_check_filter_syntax(const char *filter)
 {
-	List	   *stmts;
+	List	   *stmts = NIL;
 	RawStmt    *raw;
 	SelectStmt *select;
 	ResTarget  *target;
 	bool		plain = false;
+	MemoryContext cxt = CurrentMemoryContext;
 
-	stmts = raw_parser(psprintf("SELECT (%s\n)", filter), RAW_PARSE_DEFAULT);
+	/* One plain expression, reported as a filter error when it is not. */
+	PG_TRY();
+	{
+		stmts = raw_parser(psprintf("SELECT (%s\n)", filter), RAW_PARSE_DEFAULT);
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(cxt);
+		edata = CopyErrorData();
+		FlushErrorState();
+		ereport(ERROR,
+				(errcode(edata->sqlerrcode),
+				 errmsg("invalid filter: %s", edata->message),
+				 errdetail("The filter was: %s", filter),
+				 errhint("Write a boolean expression over the table's columns, such as \"status = 'new'\".")));
+	}
+	PG_END_TRY();
+
+	/*
+	 * The filter is embedded as "(filter)": a closing parenthesis that it
+	 * did not open would change the shape of the query around it.  The
+	 * scanner skips parentheses inside literals, identifiers and comments.
+	 */
+	{
+		core_yyscan_t scanner;
+		core_yy_extra_type extra;
+		core_YYSTYPE yylval;
+		YYLTYPE		yylloc;
+		int			depth = 0;
+
+		scanner = scanner_init(filter, &extra, &ScanKeywords, ScanKeywordTokens);
+		PG_TRY();
+		{
+			for (;;)
+			{
+				int			token = core_yylex(&yylval, &yylloc, scanner);
+
+				if (token == 0)
+					break;
+				if (token == '(')
+					depth++;
+				else if (token == ')' && --depth < 0)
+					break;
+			}
+		}
+		PG_FINALLY();
+		{
+			scanner_finish(scanner);
+		}
+		PG_END_TRY();
+		if (depth < 0)
+			ereport(ERROR,
+					(errcode(ERRCODE_SYNTAX_ERROR),
+					 errmsg("filter must be a single SQL expression"),
+					 errdetail("The filter closes a parenthesis it did not open: %s", filter),
+					 errhint("Write a boolean expression over the table's columns, such as \"status = 'new'\".")));
+	}
 
 	if (list_length(stmts) == 1)
 	{
