@@ -465,8 +465,12 @@ dsmapper_launch(PG_FUNCTION_ARGS)
 
 		PG_TRY();
 		{
+			/* Executed (LIMIT 0 reads nothing) so privileges are checked. */
 			plan = SPI_prepare(psprintf("SELECT 1 FROM %s AS __dsmapper_row WHERE (%s\n) LIMIT 0",
 										relation_name, filter), 0, NULL);
+			if (plan != NULL &&
+				SPI_execute_plan(plan, NULL, NULL, true, 0) != SPI_OK_SELECT)
+				elog(ERROR, "dsmapper: could not check the filter");
 		}
 		PG_CATCH();
 		{
@@ -1055,7 +1059,8 @@ dsmapper_current_shard(PG_FUNCTION_ARGS)
  * dsmapper_run(max_duration interval) processes queued work of this
  * database in the calling session until nothing is ready or max_duration
  * has passed, and returns the number of pages mapped.  It always runs at
- * least one task when one is ready.  Each page is a
+ * least one task when one is ready.  It processes only jobs that the
+ * caller may control (all jobs for a superuser).  Each page is a
  * subtransaction; all of them become durable when the caller commits.
  */
 Datum
@@ -1064,6 +1069,7 @@ dsmapper_run(PG_FUNCTION_ARGS)
 	Interval   *max_duration;
 	TimestampTz deadline;
 	volatile int64 pages = 0;
+	Oid			caller = GetUserId();
 
 	require_arg(fcinfo, 0, "max_duration");
 	max_duration = PG_GETARG_INTERVAL_P(0);
@@ -1089,7 +1095,7 @@ dsmapper_run(PG_FUNCTION_ARGS)
 		CHECK_FOR_INTERRUPTS();
 		SPI_connect();
 		dsm_enter_internal(&internal);
-		claimed = dsm_claim_task(&task, &ready_count, &next_ready);
+		claimed = dsm_claim_task(&task, &ready_count, &next_ready, caller);
 		dsm_leave(&internal);
 		SPI_finish();
 		if (!claimed)

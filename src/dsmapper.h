@@ -52,6 +52,7 @@ extern int	dsm_max_workers;
 extern int	dsm_worker_idle_timeout;
 extern int	dsm_log_level_jobs;
 extern int	dsm_page_timeout;
+extern bool dsm_synchronous_commit;
 extern int	dsm_history_retention;
 extern void dsm_define_gucs(void);
 
@@ -161,6 +162,11 @@ typedef struct DsmKey
 	Oid		   *input_funcs;
 	Oid		   *typioparams;
 	Oid		   *output_funcs;
+	char	  **lt_ops;			/* "OPERATOR(schema.<)" of the index opfamily */
+	char	  **gt_ops;
+	char	  **ge_ops;
+	char	  **eq_ops;
+	char	   *alias;			/* table alias no column name collides with */
 } DsmKey;
 
 /* A claimed piece of work (queue.c). */
@@ -183,6 +189,9 @@ typedef struct DsmIdentity
 extern DsmJob *dsm_load_job(int64 job_id, bool lock_row, MemoryContext mcxt);
 extern DsmKey *dsm_primary_key(Relation rel, bool missing_ok);
 extern char *dsm_key_list_sql(DsmKey *key, const char *prefix);
+extern char *dsm_key_order_sql(DsmKey *key, const char *prefix);
+extern char *dsm_key_compare_sql(DsmKey *key, const char *prefix,
+								 const char *op, int first_param);
 extern char *dsm_quoted_relation_name(Oid relid);
 extern void dsm_enter_internal(DsmIdentity *id);
 extern void dsm_enter_owner(DsmIdentity *id, Oid owner, const char *search_path);
@@ -218,7 +227,7 @@ extern DsmSplit *dsm_split_relation(DsmJob *job, DsmKey *key);
 /* queue.c */
 
 extern bool dsm_claim_task(DsmTask *task, int *ready_count,
-						   TimestampTz *next_ready);
+						   TimestampTz *next_ready, Oid only_for);
 extern void dsm_settle_shard(int64 job_id, int32 shard, const char *job_state);
 extern void dsm_finish_shard(int64 job_id, int32 shard, const char *state);
 extern void dsm_rollup_job(int64 job_id);

@@ -22,6 +22,9 @@ int			dsm_page_timeout = 0;
 /* Seconds finished jobs are kept; 0 keeps them forever. */
 int			dsm_history_retention = 7 * 24 * 3600;
 
+/* Whether workers wait for the WAL flush of every page commit. */
+bool		dsm_synchronous_commit = false;
+
 /* Level of the job start and end messages. */
 int			dsm_log_level_jobs = LOG;
 
@@ -83,6 +86,17 @@ dsm_define_gucs(void)
 							PGC_SUSET,
 							GUC_UNIT_S,
 							NULL, NULL, NULL);
+
+	DefineCustomBoolVariable("dsmapper.synchronous_commit",
+							 "Whether workers wait for each page's commit to reach disk.",
+							 "Off by default: a page's effects and its checkpoint commit "
+							 "together, so a crash that loses the last pages loses both, "
+							 "and they are simply mapped again.",
+							 &dsm_synchronous_commit,
+							 false,
+							 PGC_SIGHUP,
+							 0,
+							 NULL, NULL, NULL);
 
 	DefineCustomEnumVariable("dsmapper.log_level",
 							 "Message level of job start and end messages.",

@@ -13,7 +13,8 @@
  *
  * Both are entered with SECURITY_LOCAL_USERID_CHANGE, so user code cannot
  * SET ROLE its way out, and both are undone by transaction or
- * subtransaction abort as well as by dsm_leave.
+ * subtransaction abort as well as by dsm_leave, which also reverts any
+ * setting the code inside changed.
  *
  *-------------------------------------------------------------------------
  */
@@ -21,10 +22,12 @@
 
 #include "access/genam.h"
 #include "access/htup_details.h"
+#include "access/stratnum.h"
 #include "access/table.h"
 #include "catalog/indexing.h"
 #include "catalog/namespace.h"
 #include "catalog/pg_extension.h"
+#include "catalog/pg_operator.h"
 #include "catalog/pg_type.h"
 #include "commands/extension.h"
 #include "executor/spi.h"
@@ -40,6 +43,7 @@
 #include "utils/lsyscache.h"
 #include "utils/rel.h"
 #include "utils/relcache.h"
+#include "utils/syscache.h"
 #include "utils/timestamp.h"
 
 /*
@@ -131,6 +135,19 @@ void
 dsm_enter_internal(DsmIdentity *id)
 {
 	enter_identity(id, dsm_extension_owner(), "pg_catalog, pg_temp");
+
+	/*
+	 * Keys are stored as text: write and read them with fixed settings so
+	 * that the text means the same in every session and worker.
+	 */
+	(void) set_config_option("datestyle", "ISO, YMD", PGC_USERSET, PGC_S_SESSION,
+							 GUC_ACTION_SAVE, true, 0, false);
+	(void) set_config_option("intervalstyle", "postgres", PGC_USERSET, PGC_S_SESSION,
+							 GUC_ACTION_SAVE, true, 0, false);
+	(void) set_config_option("extra_float_digits", "3", PGC_USERSET, PGC_S_SESSION,
+							 GUC_ACTION_SAVE, true, 0, false);
+	(void) set_config_option("bytea_output", "hex", PGC_USERSET, PGC_S_SESSION,
+							 GUC_ACTION_SAVE, true, 0, false);
 }
 
 /*
@@ -140,6 +157,14 @@ dsm_enter_internal(DsmIdentity *id)
 void
 dsm_enter_owner(DsmIdentity *id, Oid owner, const char *search_path)
 {
+	/*
+	 * The temporary schema of whatever session runs the job (a worker, or
+	 * dsmapper_run() in someone's session) is searched last, never first,
+	 * unless the owner's own search_path placed it.
+	 */
+	if (strstr(search_path, "pg_temp") == NULL)
+		search_path = psprintf("%s%spg_temp", search_path,
+							   search_path[0] != '\0' ? ", " : "");
 	enter_identity(id, owner, search_path);
 }
 
@@ -149,7 +174,12 @@ dsm_enter_owner(DsmIdentity *id, Oid owner, const char *search_path)
 void
 dsm_leave(DsmIdentity *id)
 {
-	AtEOXact_GUC(true, id->guc_nestlevel);
+	/*
+	 * Undo every setting made since entering, including plain SETs in user
+	 * code, so nothing one owner's mapper sets reaches another owner's job
+	 * or the session running dsmapper_run().
+	 */
+	AtEOXact_GUC(false, id->guc_nestlevel);
 	SetUserIdAndSecContext(id->saved_userid, id->saved_sec_context);
 }
 
@@ -318,6 +348,27 @@ dsm_load_job(int64 job_id, bool lock_row, MemoryContext mcxt)
 }
 
 /*
+ * qualified_operator renders an operator as OPERATOR(schema.name).
+ */
+static char *
+qualified_operator(Oid opno)
+{
+	HeapTuple	tuple;
+	Form_pg_operator form;
+	char	   *result;
+
+	tuple = SearchSysCache1(OPEROID, ObjectIdGetDatum(opno));
+	if (!HeapTupleIsValid(tuple))
+		elog(ERROR, "dsmapper: operator %u of a primary key index not found", opno);
+	form = (Form_pg_operator) GETSTRUCT(tuple);
+	result = psprintf("OPERATOR(%s.%s)",
+					  quote_identifier(get_namespace_name(form->oprnamespace)),
+					  NameStr(form->oprname));
+	ReleaseSysCache(tuple);
+	return result;
+}
+
+/*
  * dsm_primary_key describes the primary key of an open relation, or
  * returns NULL (missing_ok) or errors when it has none.  Allocated in the
  * current memory context.
@@ -367,9 +418,115 @@ dsm_primary_key(Relation rel, bool missing_ok)
 						 &key->typioparams[i]);
 		getTypeOutputInfo(attr->atttypid, &key->output_funcs[i], &varlena);
 	}
+	/*
+	 * The comparison operators of the index's own operator families, fully
+	 * qualified: page queries then compare exactly as the index orders, and
+	 * no operator on anyone's search_path can stand in for them.
+	 */
+	key->lt_ops = palloc(sizeof(char *) * key->natts);
+	key->gt_ops = palloc(sizeof(char *) * key->natts);
+	key->ge_ops = palloc(sizeof(char *) * key->natts);
+	key->eq_ops = palloc(sizeof(char *) * key->natts);
+	for (int i = 0; i < key->natts; i++)
+	{
+		Oid			family = index->rd_opfamily[i];
+		Oid			type = index->rd_opcintype[i];
+
+		key->lt_ops[i] = qualified_operator(get_opfamily_member(family, type, type,
+																BTLessStrategyNumber));
+		key->gt_ops[i] = qualified_operator(get_opfamily_member(family, type, type,
+																BTGreaterStrategyNumber));
+		key->ge_ops[i] = qualified_operator(get_opfamily_member(family, type, type,
+																BTGreaterEqualStrategyNumber));
+		key->eq_ops[i] = qualified_operator(get_opfamily_member(family, type, type,
+																BTEqualStrategyNumber));
+	}
 	index_close(index, AccessShareLock);
 
+	/* An alias for the table that no column of it is called. */
+	key->alias = pstrdup("__dsmapper_row");
+	while (get_attnum(RelationGetRelid(rel), key->alias) != InvalidAttrNumber)
+		key->alias = psprintf("%s_", key->alias);
+
 	return key;
+}
+
+/*
+ * dsm_key_order_sql renders "a USING OPERATOR(s.<), b USING ..." for
+ * ORDER BY, in the index's order.
+ */
+char *
+dsm_key_order_sql(DsmKey *key, const char *prefix)
+{
+	StringInfoData buf;
+
+	initStringInfo(&buf);
+	for (int i = 0; i < key->natts; i++)
+		appendStringInfo(&buf, "%s%s%s%s USING %s", i > 0 ? ", " : "",
+						 prefix ? prefix : "", prefix ? "." : "",
+						 key->names[i], key->lt_ops[i]);
+	return buf.data;
+}
+
+/*
+ * dsm_key_compare_sql renders "key op ($first_param, ...)" for op one of
+ * "<", ">", ">=".  A single column is a plain comparison; several columns
+ * are a row comparison (which a btree index serves) when their operators
+ * share a schema, else the equivalent lexicographic expansion.
+ */
+char *
+dsm_key_compare_sql(DsmKey *key, const char *prefix, const char *op,
+					int first_param)
+{
+	char	  **ops = strcmp(op, "<") == 0 ? key->lt_ops :
+		strcmp(op, ">") == 0 ? key->gt_ops : key->ge_ops;
+	StringInfoData buf;
+	bool		same = true;
+
+	initStringInfo(&buf);
+	for (int i = 1; i < key->natts; i++)
+		if (strcmp(ops[i], ops[0]) != 0)
+			same = false;
+
+	if (key->natts == 1 || same)
+	{
+		StringInfoData params;
+
+		initStringInfo(&params);
+		for (int i = 0; i < key->natts; i++)
+			appendStringInfo(&params, "%s$%d", i > 0 ? ", " : "", first_param + i);
+		if (key->natts == 1)
+			appendStringInfo(&buf, "%s %s %s", dsm_key_list_sql(key, prefix), ops[0],
+							 params.data);
+		else
+			appendStringInfo(&buf, "ROW(%s) %s ROW(%s)", dsm_key_list_sql(key, prefix),
+							 ops[0], params.data);
+		return buf.data;
+	}
+
+	/*
+	 * (a, b, c) op (x, y, z) is a op' x OR (a = x AND (b op' y OR (b = y AND
+	 * c op z))), where op' is the strict form of op.
+	 */
+	appendStringInfoChar(&buf, '(');
+	for (int i = 0; i < key->natts; i++)
+	{
+		bool		last = (i == key->natts - 1);
+		const char *col = psprintf("%s%s%s", prefix ? prefix : "", prefix ? "." : "",
+								   key->names[i]);
+		const char *strict = strcmp(op, "<") == 0 ? key->lt_ops[i] : key->gt_ops[i];
+
+		if (last)
+			appendStringInfo(&buf, "%s %s $%d", col, ops[i], first_param + i);
+		else
+			appendStringInfo(&buf, "%s %s $%d OR (%s %s $%d AND (",
+							 col, strict, first_param + i,
+							 col, key->eq_ops[i], first_param + i);
+	}
+	for (int i = 0; i < key->natts - 1; i++)
+		appendStringInfoString(&buf, "))");
+	appendStringInfoChar(&buf, ')');
+	return buf.data;
 }
 
 /*

@@ -29,7 +29,10 @@
 #include "commands/dbcommands.h"
 #include "miscadmin.h"
 #include "executor/spi.h"
+#include "miscadmin.h"
+#include "utils/acl.h"
 #include "utils/builtins.h"
+#include "utils/syscache.h"
 #include "utils/timestamp.h"
 
 /*
@@ -38,11 +41,12 @@
  * number of tasks that were ready (including those held by others) and
  * *next_ready the earliest time a waiting task becomes ready (0 if none).
  * Tasks of paused and aborting jobs are returned too: the claimer settles
- * them.  Fairness: tasks that never had a turn come first, then the one
+ * them.  With only_for set, only jobs that role may control are claimed.  Fairness: tasks that never had a turn come first, then the one
  * whose last turn is oldest.
  */
 bool
-dsm_claim_task(DsmTask *task, int *ready_count, TimestampTz *next_ready)
+dsm_claim_task(DsmTask *task, int *ready_count, TimestampTz *next_ready,
+			   Oid only_for)
 {
 	int			rc;
 	uint64		n;
@@ -55,7 +59,7 @@ dsm_claim_task(DsmTask *task, int *ready_count, TimestampTz *next_ready)
 	rc = SPI_execute("SELECT q.job_id, q.shard, j.state,"
 					 " q.ready_at OPERATOR(pg_catalog.<=) pg_catalog.clock_timestamp()"
 					 "   OR j.state OPERATOR(pg_catalog.=) ANY ('{paused,aborting}'::text[]),"
-					 " q.ready_at, j.max_running_shards"
+					 " q.ready_at, j.max_running_shards, j.owner"
 					 " FROM dsmapper.queue q JOIN dsmapper.job j"
 					 "   ON j.job_id OPERATOR(pg_catalog.=) q.job_id"
 					 " WHERE j.state OPERATOR(pg_catalog.=)"
@@ -76,6 +80,20 @@ dsm_claim_task(DsmTask *task, int *ready_count, TimestampTz *next_ready)
 		int32		shard = DatumGetInt32(SPI_getbinval(tuple, desc, 2, &isnull));
 		bool		ready = DatumGetBool(SPI_getbinval(tuple, desc, 4, &isnull));
 		TimestampTz ready_at = DatumGetTimestampTz(SPI_getbinval(tuple, desc, 5, &isnull));
+
+		/*
+		 * In a session, only the caller's own jobs (or any, for a
+		 * superuser): running someone else's mapper in one's own session
+		 * would let one's temporary objects and settings meet their code.
+		 */
+		if (OidIsValid(only_for) && !superuser_arg(only_for))
+		{
+			Oid			owner = DatumGetObjectId(SPI_getbinval(tuple, desc, 7, &isnull));
+
+			if (!SearchSysCacheExists1(AUTHOID, ObjectIdGetDatum(owner)) ||
+				!is_member_of_role(only_for, owner))
+				continue;
+		}
 
 		if (!ready)
 		{

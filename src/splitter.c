@@ -295,6 +295,7 @@ dsm_split_relation(DsmJob *job, DsmKey *key)
 	double		fraction;
 	double		estimated_rows;
 	char	   *keys;
+	char	   *order;
 	char	   *sql;
 	int			rc;
 	uint64		nsample;
@@ -337,6 +338,7 @@ dsm_split_relation(DsmJob *job, DsmKey *key)
 
 	/* Read every key of a small table, a block sample of a large one. */
 	keys = dsm_key_list_sql(key, NULL);
+	order = dsm_key_order_sql(key, NULL);
 	if (nblocks <= DSM_EXACT_MAX_BLOCKS)
 	{
 		fraction = 1.0;
@@ -345,7 +347,7 @@ dsm_split_relation(DsmJob *job, DsmKey *key)
 					   job->filter ? " WHERE (" : "",
 					   job->filter ? job->filter : "",
 					   job->filter ? "\n)" : "",
-					   keys);
+					   order);
 	}
 	else
 	{
@@ -359,7 +361,7 @@ dsm_split_relation(DsmJob *job, DsmKey *key)
 					   job->filter ? " WHERE (" : "",
 					   job->filter ? job->filter : "",
 					   job->filter ? "\n)" : "",
-					   keys);
+					   order);
 	}
 
 	dsm_enter_owner(&owner, job->owner, job->search_path);

@@ -435,10 +435,11 @@ resolve_mapper(TurnState *ts)
 	ts->params = datumCopy(DirectFunctionCall1(jsonb_in,
 											   CStringGetDatum(job->params)),
 						   false, -1);
-	ts->select_list = psprintf("%s%s", dsm_key_list_sql(ts->key, "__dsmapper_row"),
-							   job->rows_mode ? ", __dsmapper_row" : "");
-	ts->from_clause = psprintf("%s AS __dsmapper_row",
-							   dsm_quoted_relation_name(job->relid));
+	ts->select_list = psprintf("%s%s%s", dsm_key_list_sql(ts->key, ts->key->alias),
+							   job->rows_mode ? ", " : "",
+							   job->rows_mode ? ts->key->alias : "");
+	ts->from_clause = psprintf("%s AS %s",
+							   dsm_quoted_relation_name(job->relid), ts->key->alias);
 	MemoryContextSwitchTo(old);
 }
 
@@ -452,7 +453,8 @@ bound_params(TurnState *ts, StringInfo buf, const char *op, List *strings,
 {
 	ListCell   *lc;
 
-	appendStringInfo(buf, " AND (%s) %s (", dsm_key_list_sql(ts->key, "__dsmapper_row"), op);
+	appendStringInfo(buf, " AND %s",
+					 dsm_key_compare_sql(ts->key, ts->key->alias, op, *nargs + 1));
 	foreach(lc, strings)
 	{
 		int			c = foreach_current_index(lc);
@@ -462,9 +464,7 @@ bound_params(TurnState *ts, StringInfo buf, const char *op, List *strings,
 											  (char *) lfirst(lc),
 											  ts->key->typioparams[c], -1);
 		(*nargs)++;
-		appendStringInfo(buf, "%s$%d", c > 0 ? ", " : "", *nargs);
 	}
-	appendStringInfoChar(buf, ')');
 }
 
 /*
@@ -571,7 +571,7 @@ map_page(TurnState *ts, bool *done)
 	if (job->filter)
 		appendStringInfo(&sql, " AND (%s\n)", job->filter);
 	appendStringInfo(&sql, " ORDER BY %s LIMIT %d",
-					 dsm_key_list_sql(ts->key, "__dsmapper_row"), ts->page_limit);
+					 dsm_key_order_sql(ts->key, ts->key->alias), ts->page_limit);
 
 	dsm_enter_owner(&owner, job->owner, job->search_path);
 	rc = SPI_execute_with_args(sql.data, nargs, types, values, NULL, false, 0);
@@ -597,6 +597,10 @@ map_page(TurnState *ts, bool *done)
 		ts->last_key = key_text(last);
 		MemoryContextSwitchTo(old);
 
+		if (!IsBinaryCoercible(SPI_gettypeid(page->tupdesc, column), ts->elem_type))
+			elog(ERROR, "dsmapper: page column of type %s does not fit the mapper's %s[]",
+				 format_type_be(SPI_gettypeid(page->tupdesc, column)),
+				 format_type_be(ts->elem_type));
 		for (uint64 i = 0; i < n; i++)
 		{
 			bool		isnull;

@@ -131,7 +131,7 @@ claim_next(DsmTask *task, int *ready_count, TimestampTz *next_ready,
 
 		SPI_connect();
 		dsm_enter_internal(&internal);
-		claimed = dsm_claim_task(task, ready_count, next_ready);
+		claimed = dsm_claim_task(task, ready_count, next_ready, InvalidOid);
 		if (claimed)
 		{
 			MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
@@ -195,6 +195,16 @@ dsm_worker_main(Datum main_arg)
 	SetConfigOption("max_parallel_workers_per_gather", "0",
 					PGC_SUSET, PGC_S_OVERRIDE);
 
+	/*
+	 * Durability: a page's effects and its checkpoint commit in one
+	 * transaction, so losing the last commits in a crash loses both and the
+	 * pages are mapped again from the older checkpoint; exactly once holds
+	 * without waiting for each commit's WAL flush.  Job state changes that
+	 * get lost the same way are redone by the next turn.
+	 */
+	SetConfigOption("synchronous_commit", dsm_synchronous_commit ? "on" : "off",
+					PGC_SUSET, PGC_S_OVERRIDE);
+
 	last_work = GetCurrentTimestamp();
 
 	/*
@@ -250,6 +260,8 @@ dsm_worker_main(Datum main_arg)
 		{
 			ConfigReloadPending = false;
 			ProcessConfigFile(PGC_SIGHUP);
+			SetConfigOption("synchronous_commit", dsm_synchronous_commit ? "on" : "off",
+							PGC_SUSET, PGC_S_OVERRIDE);
 		}
 
 		LWLockAcquire(dsm_shared->lock, LW_SHARED);
