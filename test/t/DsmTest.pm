@@ -15,6 +15,8 @@ use Exporter 'import';
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
+use JSON::PP;
+use Time::HiRes qw(usleep time);
 
 our @EXPORT = qw(
   new_node
@@ -27,6 +29,11 @@ our @EXPORT = qw(
   counter_summary
   log_position
   log_since
+  wait_for_server
+  backend_pids
+  launcher_pid
+  wait_for_new_launcher
+  elapsed_since
 );
 
 # new_node(name, preload => 1, max_workers => 4, extra_conf => '',
@@ -184,6 +191,226 @@ sub log_since
 {
 	my ($node, $offset) = @_;
 	return slurp_file($node->logfile, $offset);
+}
+
+# wait_for_server(node, timeout_seconds): true once the server answers a
+# query again (after a crash restart or a start), false after the timeout.
+sub wait_for_server
+{
+	my ($node, $timeout) = @_;
+	$timeout //= 60;
+	my $deadline = time() + $timeout;
+	while (time() < $deadline)
+	{
+		my ($out, $err) = ('', '');
+		my $rc = $node->psql('postgres', 'SELECT 1',
+			stdout => \$out, stderr => \$err);
+		return 1 if $rc == 0 && $out eq '1';
+		usleep(100_000);
+	}
+	return 0;
+}
+
+# backend_pids(node, backend_type, where => ''): the pids of the backends of
+# that type (e.g. 'dsmapper worker'), optionally with an extra SQL condition
+# on pg_stat_activity.  An empty list when the query fails (server down).
+sub backend_pids
+{
+	my ($node, $type, %opts) = @_;
+	my $where = defined $opts{where} && $opts{where} ne '' ? " AND ($opts{where})" : '';
+	my ($out, $err) = ('', '');
+	my $rc = $node->psql('postgres',
+		"SELECT pid FROM pg_stat_activity WHERE backend_type = '$type'$where ORDER BY pid",
+		stdout => \$out, stderr => \$err);
+	return () if $rc != 0;
+	return grep { /^\d+$/ } split /\n/, $out;
+}
+
+# launcher_pid(node): the pid of the dsmapper launcher, or '' when there is
+# none (or the server does not answer).
+sub launcher_pid
+{
+	my ($node) = @_;
+	my @pids = backend_pids($node, 'dsmapper launcher');
+	return @pids ? $pids[0] : '';
+}
+
+# wait_for_new_launcher(node, old_pid, timeout_seconds): after a crash, true
+# once the server answers again and a launcher other than old_pid runs (so
+# the crash restart is over, not merely not noticed yet).
+sub wait_for_new_launcher
+{
+	my ($node, $old, $timeout) = @_;
+	$timeout //= 60;
+	my $deadline = time() + $timeout;
+	while (time() < $deadline)
+	{
+		my $pid = launcher_pid($node);
+		return 1 if $pid ne '' && $pid ne $old;
+		usleep(100_000);
+	}
+	return 0;
+}
+
+# elapsed_since(t0): seconds since t0 (a Time::HiRes time()).
+sub elapsed_since
+{
+	my ($t0) = @_;
+	return time() - $t0;
+}
+
+# Helpers of the key type, rows mode, filter and balance tests (010-013).
+push @EXPORT, qw(create_keyed_table shard_list shard_balance
+  shard_range_mismatches job_count launch_error);
+
+# create_keyed_table(node, table, keytype, key_expr, nrows, db => 'postgres',
+#                    pad => 0, random_order => 1)
+#
+# A table (id keytype PRIMARY KEY, n integer NOT NULL DEFAULT 0, pad text)
+# whose ids are key_expr evaluated for g = 1..nrows (key_expr must give
+# distinct values), inserted in random order unless random_order => 0, with
+# pad characters of padding per row.  keytype may carry a COLLATE clause.
+# Works with create_counter_mapper and counter_summary.
+sub create_keyed_table
+{
+	my ($node, $table, $keytype, $expr, $nrows, %opts) = @_;
+	my $db = $opts{db} // 'postgres';
+	my $pad = $opts{pad} // 0;
+	my $order = (!defined $opts{random_order} || $opts{random_order})
+	  ? 'ORDER BY random()' : '';
+
+	$node->safe_psql(
+		$db, qq{
+		CREATE TABLE $table (id $keytype PRIMARY KEY,
+		                     n integer NOT NULL DEFAULT 0,
+		                     pad text);
+		INSERT INTO $table (id, pad)
+		SELECT k, repeat('x', $pad)
+		  FROM (SELECT $expr AS k FROM generate_series(1, $nrows) g) s $order;
+		ANALYZE $table;
+	});
+	return;
+}
+
+# shard_list(node, job, db => 'postgres'): the job's shards in shard order,
+# as a list of hashes with the columns of dsmapper.shards (NULL as undef).
+sub shard_list
+{
+	my ($node, $job, %opts) = @_;
+	my $db = $opts{db} // 'postgres';
+	my $json = $node->safe_psql(
+		$db, qq{
+		SELECT coalesce(json_agg(s ORDER BY shard), '[]')
+		  FROM dsmapper.shards s WHERE job_id = $job});
+	return @{ JSON::PP->new->utf8(0)->decode($json) };
+}
+
+# shard_balance(node, job, db => 'postgres'): hash with shards, max, mean,
+# ratio (max / mean of processed), processed and expected (sums), and
+# counts (the processed counts as text, for diagnostics).
+sub shard_balance
+{
+	my ($node, $job, %opts) = @_;
+	my @shards = shard_list($node, $job, %opts);
+	my ($max, $sum, $exp) = (0, 0, 0);
+	foreach my $s (@shards)
+	{
+		$max = $s->{processed} if $s->{processed} > $max;
+		$sum += $s->{processed};
+		$exp += $s->{expected} // 0;
+	}
+	my $mean = @shards ? $sum / @shards : 0;
+	return {
+		shards => scalar(@shards),
+		max => $max,
+		mean => $mean,
+		ratio => $mean > 0 ? $max / $mean : 0,
+		processed => $sum,
+		expected => $exp,
+		counts => join(' ', map { $_->{processed} } @shards),
+	};
+}
+
+# shard_range_mismatches(node, job, table, keytype, db => 'postgres',
+#                        key => 'id', setup => '', filter => undef,
+#                        collate => undef)
+#
+# Reads the job's shard ranges back as keytype in a session that first runs
+# setup (say "SET DateStyle = 'SQL, DMY'") and checks them against the
+# table: the ranges must be contiguous, unbounded at both ends, strictly
+# increasing, and shard i must hold exactly its processed count of rows
+# with range_start <= key < range_end (and the filter, when given).
+# collate names the key's collation (quoted), for comparing bounds with
+# each other.  Returns a list of problems, empty when all is well (or the
+# error of the check query).
+sub shard_range_mismatches
+{
+	my ($node, $job, $table, $keytype, %opts) = @_;
+	my $db = $opts{db} // 'postgres';
+	my $key = $opts{key} // 'id';
+	my $setup = $opts{setup} // '';
+	my $filter = defined $opts{filter} ? "AND ($opts{filter})" : '';
+	my $collate = defined $opts{collate} ? "COLLATE $opts{collate}" : '';
+
+	my ($ret, $out, $err) = $node->psql(
+		$db, qq{
+		$setup;
+		SELECT shard || ': ' || problem
+		  FROM (SELECT s.shard,
+		               CASE
+		                 WHEN s.shard = 0 AND s.range_start IS NOT NULL
+		                   THEN 'first shard has a lower bound'
+		                 WHEN s.last AND s.range_end IS NOT NULL
+		                   THEN 'last shard has an upper bound'
+		                 WHEN NOT s.last AND s.range_end IS NULL
+		                   THEN 'unbounded shard before the last'
+		                 WHEN s.shard > 0 AND s.range_start IS DISTINCT FROM s.prev_end
+		                   THEN 'range_start is not the previous range_end'
+		                 WHEN s.range_start IS NOT NULL AND s.range_end IS NOT NULL
+		                      AND NOT (s.range_start::$keytype $collate < s.range_end::$keytype $collate)
+		                   THEN 'range_start ' || s.range_start || ' is not below range_end ' || s.range_end
+		                 WHEN s.processed <>
+		                      (SELECT count(*) FROM $table t
+		                        WHERE (s.range_start IS NULL OR t.$key >= s.range_start::$keytype)
+		                          AND (s.range_end IS NULL OR t.$key < s.range_end::$keytype)
+		                          $filter)
+		                   THEN 'processed ' || s.processed || ' but ['
+		                        || coalesce(s.range_start, '-inf') || ', '
+		                        || coalesce(s.range_end, '+inf') || ') holds '
+		                        || (SELECT count(*) FROM $table t
+		                             WHERE (s.range_start IS NULL OR t.$key >= s.range_start::$keytype)
+		                               AND (s.range_end IS NULL OR t.$key < s.range_end::$keytype)
+		                               $filter)
+		               END AS problem
+		          FROM (SELECT sh.*,
+		                       lag(range_end) OVER (ORDER BY shard) AS prev_end,
+		                       shard = max(shard) OVER () AS last
+		                  FROM dsmapper.shards sh WHERE job_id = $job) s) p
+		 WHERE problem IS NOT NULL
+		 ORDER BY shard});
+	return ("check query failed: $err") if $ret != 0;
+	return grep { $_ ne '' } split /\n/, $out;
+}
+
+# job_count(node, db => 'postgres'): the number of rows in dsmapper.jobs.
+sub job_count
+{
+	my ($node, %opts) = @_;
+	my $db = $opts{db} // 'postgres';
+	return $node->safe_psql($db, 'SELECT count(*) FROM dsmapper.jobs');
+}
+
+# launch_error(node, sql, db => 'postgres'): runs sql (a launch that should
+# fail) and returns its stderr, or undef when it succeeded.  A job that was
+# launched anyway is aborted at once so it cannot run away.
+sub launch_error
+{
+	my ($node, $sql, %opts) = @_;
+	my $db = $opts{db} // 'postgres';
+	my ($ret, $out, $err) = $node->psql($db, $sql);
+	return $err if $ret != 0;
+	$node->psql($db, "SELECT dsmapper_abort($out)") if $out =~ /^\d+$/;
+	return undef;
 }
 
 1;
