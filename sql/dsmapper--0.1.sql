@@ -108,14 +108,19 @@ CREATE TABLE dsmapper.queue (
 REVOKE ALL ON dsmapper.mapper, dsmapper.job, dsmapper.shard, dsmapper.queue
     FROM PUBLIC;
 
--- Render a stored key (one text per key column) for people.
+-- Render a stored key (one text per key column) for people; a composite
+-- key as a row literal, elements quoted where needed.
 CREATE FUNCTION dsmapper.key_text(key text[]) RETURNS text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 RETURN CASE
     WHEN key IS NULL THEN NULL
     WHEN cardinality(key) = 1 THEN key[1]
-    ELSE '(' || array_to_string(key, ',') || ')'
+    ELSE '(' || (SELECT string_agg(
+                     CASE WHEN e = '' OR e ~ '[,()"\\ ]'
+                          THEN '"' || replace(replace(e, '\', '\\'), '"', '\"') || '"'
+                          ELSE e END, ',' ORDER BY i)
+                   FROM unnest(key) WITH ORDINALITY AS u(e, i)) || ')'
 END;
 
 -- May the current role see the jobs of role "owner"?

@@ -78,6 +78,7 @@ typedef struct DsmWorkerSlot
 	pid_t		pid;
 	Latch	   *latch;
 	uint64		incarnation;
+	bool		connected;		/* the worker got into its database */
 	int64		job_id;			/* task in hand, 0 when none */
 	int32		shard;
 } DsmWorkerSlot;

@@ -134,6 +134,22 @@ reap_workers(void)
 			continue;
 
 		LWLockAcquire(dsm_shared->lock, LW_EXCLUSIVE);
+
+		/*
+		 * A worker that never attached could not connect (the database was
+		 * dropped, or does not accept connections): stop asking for
+		 * workers there until new work is announced.
+		 */
+		if (!dsm_shared->slots[i].connected)
+		{
+			DsmDatabase *db = dsm_find_database(dsm_shared->slots[i].dboid, false);
+
+			if (db != NULL)
+			{
+				db->wanted = 0;
+				db->probe = false;
+			}
+		}
 		memset(&dsm_shared->slots[i], 0, sizeof(DsmWorkerSlot));
 		LWLockRelease(dsm_shared->lock);
 		pfree(handles[i]);

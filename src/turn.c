@@ -62,6 +62,7 @@ typedef struct TurnState
 	DsmJob	   *job;
 	DsmKey	   *key;
 	FmgrInfo	flinfo;
+	Oid			fn_oid;
 	Oid			elem_type;
 	int16		elem_len;
 	bool		elem_byval;
@@ -312,8 +313,25 @@ key_text(List *strings)
 	initStringInfo(&buf);
 	appendStringInfoChar(&buf, '(');
 	foreach(lc, strings)
-		appendStringInfo(&buf, "%s%s", foreach_current_index(lc) > 0 ? "," : "",
-						 (char *) lfirst(lc));
+	{
+		const char *e = lfirst(lc);
+
+		if (foreach_current_index(lc) > 0)
+			appendStringInfoChar(&buf, ',');
+		if (e[0] == '\0' || strpbrk(e, ",()\"\\ ") != NULL)
+		{
+			appendStringInfoChar(&buf, '"');
+			for (const char *p = e; *p; p++)
+			{
+				if (*p == '"' || *p == '\\')
+					appendStringInfoChar(&buf, '\\');
+				appendStringInfoChar(&buf, *p);
+			}
+			appendStringInfoChar(&buf, '"');
+		}
+		else
+			appendStringInfoString(&buf, e);
+	}
 	appendStringInfoChar(&buf, ')');
 	return buf.data;
 }
@@ -430,6 +448,7 @@ resolve_mapper(TurnState *ts)
 
 	/* Prepare the call and the page query. */
 	fmgr_info_cxt(fn, &ts->flinfo, ts->cxt);
+	ts->fn_oid = fn;
 	get_typlenbyvalalign(ts->elem_type, &ts->elem_len, &ts->elem_byval,
 						 &ts->elem_align);
 	ts->params = datumCopy(DirectFunctionCall1(jsonb_in,
@@ -597,6 +616,11 @@ map_page(TurnState *ts, bool *done)
 		ts->last_key = key_text(last);
 		MemoryContextSwitchTo(old);
 
+		/* The function may have been dropped since the turn began. */
+		if (!SearchSysCacheExists1(PROCOID, ObjectIdGetDatum(ts->fn_oid)))
+			ereport(ERROR,
+					(errcode(ERRCODE_UNDEFINED_FUNCTION),
+					 errmsg("function of mapper \"%s\" no longer exists", job->mapper)));
 		if (!IsBinaryCoercible(SPI_gettypeid(page->tupdesc, column), ts->elem_type))
 			elog(ERROR, "dsmapper: page column of type %s does not fit the mapper's %s[]",
 				 format_type_be(SPI_gettypeid(page->tupdesc, column)),
@@ -878,13 +902,14 @@ run_shard_turn(TurnState *ts, TimestampTz deadline)
 		TimestampTz page_started;
 		long		page_ms;
 
-		CHECK_FOR_INTERRUPTS();
-
 		ts->first_key = ts->last_key = NULL;
 		page_begin(ts);
 		PG_TRY();
 		{
 			int64		rows;
+
+			/* A cancel (abort) between pages is handled like one in a page. */
+			CHECK_FOR_INTERRUPTS();
 
 			/*
 			 * In a worker, dsmapper.page_timeout bounds the page through
@@ -897,11 +922,20 @@ run_shard_turn(TurnState *ts, TimestampTz deadline)
 			page_started = GetCurrentTimestamp();
 			rows = map_page(ts, &done);
 			dsm_leave(&internal);
+
+			/*
+			 * The page made it: a timeout that fires now, too late to stop
+			 * it, must not cancel whatever comes next.
+			 */
+			if (!ts->in_session && dsm_page_timeout > 0)
+			{
+				disable_timeout(STATEMENT_TIMEOUT, false);
+				if (get_timeout_indicator(STATEMENT_TIMEOUT, true))
+					QueryCancelPending = false;
+			}
 			page_commit(ts);
 			page_ms = TimestampDifferenceMilliseconds(page_started,
 													  GetCurrentTimestamp());
-			if (!ts->in_session && dsm_page_timeout > 0)
-				disable_timeout(STATEMENT_TIMEOUT, false);
 			if (rows > 0)
 				pages++;
 			if (!done)

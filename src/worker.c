@@ -23,6 +23,7 @@
 #include "dsmapper.h"
 
 #include "access/xact.h"
+#include "catalog/pg_type.h"
 #include "executor/spi.h"
 #include "miscadmin.h"
 #include "pgstat.h"
@@ -149,6 +150,44 @@ claim_next(DsmTask *task, int *ready_count, TimestampTz *next_ready,
 }
 
 /*
+ * clear_in_turn resets a shard's in_turn mark in a transaction of its own,
+ * swallowing any error.  Outside a transaction.
+ */
+static void
+clear_in_turn(int64 job_id, int32 shard)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+
+	PG_TRY();
+	{
+		DsmIdentity internal;
+		Oid			types[2] = {INT8OID, INT4OID};
+		Datum		values[2] = {Int64GetDatum(job_id), Int32GetDatum(shard)};
+
+		SetCurrentStatementStartTimestamp();
+		StartTransactionCommand();
+		PushActiveSnapshot(GetTransactionSnapshot());
+		SPI_connect();
+		dsm_enter_internal(&internal);
+		dsm_spi_exec("UPDATE dsmapper.shard SET in_turn = false"
+					 " WHERE job_id OPERATOR(pg_catalog.=) $1"
+					 " AND shard OPERATOR(pg_catalog.=) $2",
+					 2, types, values, SPI_OK_UPDATE);
+		dsm_leave(&internal);
+		SPI_finish();
+		PopActiveSnapshot();
+		CommitTransactionCommand();
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(cxt);
+		FlushErrorState();
+		AbortOutOfAnyTransaction();
+	}
+	PG_END_TRY();
+}
+
+/*
  * dsm_worker_main is the entry point of a worker.  main_arg is the slot.
  */
 void
@@ -184,6 +223,9 @@ dsm_worker_main(Datum main_arg)
 
 	BackgroundWorkerInitializeConnectionByOid(dboid, InvalidOid, 0);
 	pgstat_report_appname("dsmapper worker");
+	LWLockAcquire(dsm_shared->lock, LW_EXCLUSIVE);
+	slot->connected = true;
+	LWLockRelease(dsm_shared->lock);
 
 	/*
 	 * Fixed session settings: every page is READ COMMITTED so it sees a
@@ -230,6 +272,16 @@ dsm_worker_main(Datum main_arg)
 		}
 		AbortOutOfAnyTransaction();
 		LockReleaseSession(USER_LOCKMETHOD);
+		RESUME_INTERRUPTS();
+
+		/*
+		 * The turn in hand did not end normally, but this process lives on:
+		 * clear its in_turn mark so the next turn does not take it for a
+		 * crash.  Best effort; a failure here is only logged.
+		 */
+		if (slot->job_id != 0 && slot->shard != DSM_SPLIT_TASK)
+			clear_in_turn(slot->job_id, slot->shard);
+		HOLD_INTERRUPTS();
 		MemoryContextSwitchTo(TopMemoryContext);
 		FlushErrorState();
 		QueryCancelPending = false;
