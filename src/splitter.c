@@ -31,6 +31,9 @@
 #include "access/genam.h"
 #include "access/nbtree.h"
 #include "access/table.h"
+#include "access/tableam.h"
+#include "executor/tuptable.h"
+#include "utils/snapmgr.h"
 #include "catalog/pg_class.h"
 #include "executor/spi.h"
 #include "miscadmin.h"
@@ -43,6 +46,7 @@
 #define DSM_SAMPLE_MIN_ROWS		30000
 #define DSM_SAMPLE_ROWS_PER_SHARD 2000
 #define DSM_LEAF_SAMPLE			4096	/* leaf pages read to weigh leaves */
+#define DSM_VISIBILITY_PROBES	8		/* heap rows checked per sampled leaf */
 
 /*
  * key_strings returns the text form of the key columns of a sample row.
@@ -78,26 +82,99 @@ typedef struct LeafEntry
 } LeafEntry;
 
 /*
- * live_entries counts the index entries of a leaf page that are not known
- * dead.  The high key is not an entry.
+ * live_entries estimates the live rows a leaf page points to: its entries
+ * not marked dead, scaled by the share of a few of them whose heap tuple
+ * is visible to the snapshot (a bulk DELETE not yet vacuumed leaves many
+ * entries that point to dead rows).  The high key is not an entry.
  */
 static double
-live_entries(Relation index, BlockNumber blkno)
+live_entries(Relation heap, Relation index, BlockNumber blkno, Snapshot snapshot)
 {
 	Buffer		buf = _bt_getbuf(index, blkno, BT_READ);
 	Page		page = BufferGetPage(buf);
 	BTPageOpaque opaque = BTPageGetOpaque(page);
 	OffsetNumber maxoff = PageGetMaxOffsetNumber(page);
 	double		count = 0;
+	ItemPointerData probes[DSM_VISIBILITY_PROBES];
+	int			nprobes = 0;
+	int			visible = 0;
 
 	if (P_ISLEAF(opaque) && !P_IGNORE(opaque))
 	{
-		for (OffsetNumber off = P_FIRSTDATAKEY(opaque); off <= maxoff; off++)
-			if (!ItemIdIsDead(PageGetItemId(page, off)))
-				count++;
+		OffsetNumber first = P_FIRSTDATAKEY(opaque);
+		int			step = Max(1, (maxoff - first + 1) / DSM_VISIBILITY_PROBES);
+
+		for (OffsetNumber off = first; off <= maxoff; off++)
+		{
+			IndexTuple	itup;
+
+			if (ItemIdIsDead(PageGetItemId(page, off)))
+				continue;
+			count++;
+			itup = (IndexTuple) PageGetItem(page, PageGetItemId(page, off));
+			if ((off - first) % step == 0 && nprobes < DSM_VISIBILITY_PROBES)
+				probes[nprobes++] = *BTreeTupleGetHeapTID(itup);
+		}
 	}
 	_bt_relbuf(index, buf);
+
+	/* Visit the probed rows' heap tuples without holding the index page. */
+	if (nprobes > 0)
+	{
+		IndexFetchTableData *fetch = table_index_fetch_begin(heap);
+		TupleTableSlot *slot = table_slot_create(heap, NULL);
+
+		for (int i = 0; i < nprobes; i++)
+		{
+			bool		call_again = false;
+			bool		all_dead = false;
+
+			if (table_index_fetch_tuple(fetch, &probes[i], snapshot, slot,
+										&call_again, &all_dead))
+				visible++;
+		}
+		ExecDropSingleTupleTableSlot(slot);
+		table_index_fetch_end(fetch);
+		count *= (double) visible / nprobes;
+	}
 	return count;
+}
+
+/*
+ * leaf_first_key returns the text form of the first entry of a leaf page,
+ * or NIL when it has none.  Used where a separator was truncated: every key
+ * before the leaf is below it, so it is as good a boundary.
+ */
+static List *
+leaf_first_key(Relation index, DsmKey *key, BlockNumber blkno)
+{
+	Buffer		buf = _bt_getbuf(index, blkno, BT_READ);
+	Page		page = BufferGetPage(buf);
+	BTPageOpaque opaque = BTPageGetOpaque(page);
+	List	   *result = NIL;
+
+	if (P_ISLEAF(opaque) && !P_IGNORE(opaque) &&
+		P_FIRSTDATAKEY(opaque) <= PageGetMaxOffsetNumber(page))
+	{
+		IndexTuple	itup = (IndexTuple) PageGetItem(page,
+													PageGetItemId(page, P_FIRSTDATAKEY(opaque)));
+
+		for (int c = 0; c < key->natts; c++)
+		{
+			bool		isnull;
+			Datum		d = index_getattr(itup, c + 1, RelationGetDescr(index), &isnull);
+
+			if (isnull)
+			{
+				list_free(result);
+				result = NIL;
+				break;
+			}
+			result = lappend(result, OidOutputFunctionCall(key->output_funcs[c], d));
+		}
+	}
+	_bt_relbuf(index, buf);
+	return result;
 }
 
 /*
@@ -216,7 +293,9 @@ separator_strings(Relation index, DsmKey *key, IndexTuple separator)
 static DsmSplit *
 split_by_index(DsmJob *job, DsmKey *key, Oid indexoid)
 {
+	Relation	heap;
 	Relation	index;
+	Snapshot	snapshot;
 	LeafEntry  *leaves;
 	int			nleaves;
 	int			nsampled;
@@ -227,11 +306,14 @@ split_by_index(DsmJob *job, DsmKey *key, Oid indexoid)
 	int			shard = 0;
 	DsmSplit   *split;
 
+	heap = table_open(job->relid, AccessShareLock);
 	index = index_open(indexoid, AccessShareLock);
+	snapshot = GetActiveSnapshot();
 	leaves = read_leaf_level(index, &nleaves);
 	if (leaves == NULL || nleaves < 2)
 	{
 		index_close(index, AccessShareLock);
+		table_close(heap, AccessShareLock);
 		return NULL;
 	}
 
@@ -241,8 +323,9 @@ split_by_index(DsmJob *job, DsmKey *key, Oid indexoid)
 	for (int j = 0; j < nsampled; j++)
 	{
 		CHECK_FOR_INTERRUPTS();
-		sampled[j] = live_entries(index,
-								  leaves[(int) (((double) j + 0.5) * nleaves / nsampled)].leaf);
+		sampled[j] = live_entries(heap, index,
+								  leaves[(int) (((double) j + 0.5) * nleaves / nsampled)].leaf,
+								  snapshot);
 	}
 	for (int i = 0; i < nleaves; i++)
 	{
@@ -263,6 +346,9 @@ split_by_index(DsmJob *job, DsmKey *key, Oid indexoid)
 		{
 			List	   *boundary = separator_strings(index, key, leaves[i].separator);
 
+			if (boundary == NIL && i > 0)
+				boundary = leaf_first_key(index, key, leaves[i].leaf);
+
 			if (boundary != NIL)
 			{
 				split->boundaries = lappend(split->boundaries, boundary);
@@ -276,6 +362,7 @@ split_by_index(DsmJob *job, DsmKey *key, Oid indexoid)
 	split->exact = false;
 
 	index_close(index, AccessShareLock);
+	table_close(heap, AccessShareLock);
 	return split;
 }
 
