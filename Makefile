@@ -35,3 +35,7 @@ EXTRA_CLEAN = test/results test/output_iso test/tmp_regress test/tmp_isolation \
 PG_CONFIG ?= pg_config
 PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
+
+# Every object depends on the shared header (shared-memory layouts live
+# there); PGXS does not track header dependencies by itself.
+$(OBJS): src/dsmapper.h

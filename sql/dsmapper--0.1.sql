@@ -153,14 +153,15 @@ SELECT j.job_id,
        CASE
            WHEN j.started IS NULL THEN NULL
            ELSE round(coalesce(s.processed, 0) / greatest(0.001,
-                extract(epoch FROM coalesce(j.finished, now()) - j.started)),
+                extract(epoch FROM coalesce(j.finished, clock_timestamp())
+                                   - j.started)),
                 1)
        END AS rate,
        CASE
            WHEN j.state NOT IN ('running', 'aborting') OR j.started IS NULL
                 OR s.expected IS NULL OR s.processed = 0 THEN NULL
-           ELSE now() + (greatest(0, s.expected - s.processed)
-                * ((now() - j.started) / s.processed))
+           ELSE clock_timestamp() + (greatest(0, s.expected - s.processed)
+                * ((clock_timestamp() - j.started) / s.processed))
        END AS eta,
        j.created,
        j.updated,

@@ -41,7 +41,11 @@
  * number of tasks that were ready (including those held by others) and
  * *next_ready the earliest time a waiting task becomes ready (0 if none).
  * Tasks of paused and aborting jobs are returned too: the claimer settles
- * them.  With only_for set, only jobs that role may control are claimed.  Fairness: tasks that never had a turn come first, then the one
+ * them.  With only_for set, only jobs that role may control are claimed.
+ *
+ * Order: jobs with the fewest shards in a turn first (a new job comes
+ * before more shards of a busy one), then the task whose last turn is
+ * oldest, tasks that never had one first.  Fairness: tasks that never had a turn come first, then the one
  * whose last turn is oldest.
  */
 bool
@@ -64,7 +68,9 @@ dsm_claim_task(DsmTask *task, int *ready_count, TimestampTz *next_ready,
 					 "   ON j.job_id OPERATOR(pg_catalog.=) q.job_id"
 					 " WHERE j.state OPERATOR(pg_catalog.=)"
 					 "   ANY ('{starting,running,paused,aborting}'::text[])"
-					 " ORDER BY q.last_turn NULLS FIRST, q.job_id, q.shard",
+					 " ORDER BY (SELECT count(*) FROM dsmapper.shard s"
+					 "   WHERE s.job_id OPERATOR(pg_catalog.=) q.job_id AND s.in_turn),"
+					 " q.last_turn NULLS FIRST, q.job_id, q.shard",
 					 false, 0);
 	if (rc != SPI_OK_SELECT)
 		elog(ERROR, "dsmapper: could not read the queue");
