@@ -189,6 +189,25 @@ backoff_ms(int attempts)
 }
 
 /*
+ * schedule_retry makes a queued task ready again after delay_ms.  SPI
+ * connected, internal identity.
+ */
+static void
+schedule_retry(int64 job_id, int32 shard, int64 delay_ms)
+{
+	Oid			types[3] = {INT8OID, INT4OID, INT8OID};
+	Datum		values[3] = {Int64GetDatum(job_id), Int32GetDatum(shard),
+	Int64GetDatum(delay_ms)};
+
+	dsm_spi_exec("UPDATE dsmapper.queue SET ready_at ="
+				 " pg_catalog.clock_timestamp() OPERATOR(pg_catalog.+)"
+				 " pg_catalog.make_interval(secs => $3 OPERATOR(pg_catalog./) 1000.0)"
+				 " WHERE job_id OPERATOR(pg_catalog.=) $1"
+				 " AND shard OPERATOR(pg_catalog.=) $2",
+				 3, types, values, SPI_OK_UPDATE);
+}
+
+/*
  * record_failure stores a page's error on its shard, then either queues the
  * shard for a retry or fails it.  Runs in a transaction of its own.
  */
@@ -266,18 +285,7 @@ record_failure(TurnState *ts, ErrorData *edata)
 	if (failed)
 		dsm_finish_shard(ts->job_id, ts->shard, "failed");
 	else
-	{
-		Oid			qtypes[3] = {INT8OID, INT4OID, INT8OID};
-		Datum		qvalues[3] = {Int64GetDatum(ts->job_id),
-		Int32GetDatum(ts->shard), Int64GetDatum(backoff_ms(attempts))};
-
-		dsm_spi_exec("UPDATE dsmapper.queue SET ready_at ="
-					 " pg_catalog.clock_timestamp() OPERATOR(pg_catalog.+)"
-					 " pg_catalog.make_interval(secs => $3 OPERATOR(pg_catalog./) 1000.0)"
-					 " WHERE job_id OPERATOR(pg_catalog.=) $1"
-					 " AND shard OPERATOR(pg_catalog.=) $2",
-					 3, qtypes, qvalues, SPI_OK_UPDATE);
-	}
+		schedule_retry(ts->job_id, ts->shard, backoff_ms(attempts));
 
 	dsm_leave(&internal);
 	page_commit(ts);
@@ -775,17 +783,8 @@ load_shard(TurnState *ts)
 			dsm_finish_shard(ts->job_id, ts->shard, "failed");
 		else
 		{
-			Oid			qtypes[3] = {INT8OID, INT4OID, INT8OID};
-			Datum		qvalues[3] = {Int64GetDatum(ts->job_id),
-			Int32GetDatum(ts->shard), Int64GetDatum(backoff_ms(attempts))};
-
 			/* Back off like any transient failure; a crash loop stays slow. */
-			dsm_spi_exec("UPDATE dsmapper.queue SET ready_at ="
-						 " pg_catalog.clock_timestamp() OPERATOR(pg_catalog.+)"
-						 " pg_catalog.make_interval(secs => $3 OPERATOR(pg_catalog./) 1000.0)"
-						 " WHERE job_id OPERATOR(pg_catalog.=) $1"
-						 " AND shard OPERATOR(pg_catalog.=) $2",
-						 3, qtypes, qvalues, SPI_OK_UPDATE);
+			schedule_retry(ts->job_id, ts->shard, backoff_ms(attempts));
 		}
 		return false;
 	}
@@ -1083,11 +1082,7 @@ run_split(TurnState *ts)
 
 			if (job != NULL && strcmp(job->state, "starting") == 0 &&
 				is_transient_error(edata->sqlerrcode))
-				dsm_spi_exec("UPDATE dsmapper.queue SET ready_at ="
-							 " pg_catalog.clock_timestamp() OPERATOR(pg_catalog.+) '5 s'"
-							 " WHERE job_id OPERATOR(pg_catalog.=) $1"
-							 " AND shard OPERATOR(pg_catalog.=) $2",
-							 2, types, values, SPI_OK_UPDATE);
+				schedule_retry(ts->job_id, DSM_SPLIT_TASK, 5000);
 			else
 			{
 				dsm_spi_exec("DELETE FROM dsmapper.queue"
