@@ -75,6 +75,7 @@ typedef struct TurnState
 	bool		resume_inclusive;	/* resume is range_start: k >= resume */
 	char	   *first_key;		/* of the current page, for errors */
 	char	   *last_key;
+	MemoryContext page_cxt;		/* reset before every page */
 
 	/* Tuning, read again before every page (dsmapper_tune). */
 	int32		running_slot;	/* our max_running_shards slot, or -1 */
@@ -619,7 +620,7 @@ map_page(TurnState *ts, bool *done)
 		LOCAL_FCINFO(fcinfo, 2);
 
 		last = row_key_strings(ts, page->vals[n - 1], page->tupdesc);
-		old = MemoryContextSwitchTo(ts->cxt);
+		old = MemoryContextSwitchTo(ts->page_cxt);
 		ts->first_key = key_text(row_key_strings(ts, page->vals[0], page->tupdesc));
 		ts->last_key = key_text(last);
 		MemoryContextSwitchTo(old);
@@ -688,7 +689,10 @@ map_page(TurnState *ts, bool *done)
 		*done = true;
 	}
 
-	/* Carry the new position into the next page. */
+	/*
+	 * Carry the new position into the next page.  It lives in the turn's
+	 * context; the previous one is freed, so a long turn does not grow.
+	 */
 	if (n > 0)
 	{
 		MemoryContext old = MemoryContextSwitchTo(ts->cxt);
@@ -697,6 +701,7 @@ map_page(TurnState *ts, bool *done)
 
 		foreach(lc, last)
 			copy = lappend(copy, pstrdup((char *) lfirst(lc)));
+		list_free_deep(ts->resume);
 		ts->resume = copy;
 		ts->resume_inclusive = false;
 		MemoryContextSwitchTo(old);
@@ -902,6 +907,7 @@ run_shard_turn(TurnState *ts, TimestampTz deadline)
 		long		page_ms;
 
 		ts->first_key = ts->last_key = NULL;
+		MemoryContextReset(ts->page_cxt);
 		page_begin(ts);
 		PG_TRY();
 		{
@@ -1126,6 +1132,8 @@ dsm_run_task(DsmTask *task, bool in_session, TimestampTz deadline)
 	memset(&ts, 0, sizeof(ts));
 	ts.cxt = AllocSetContextCreate(TopMemoryContext, "dsmapper turn",
 								   ALLOCSET_DEFAULT_SIZES);
+	ts.page_cxt = AllocSetContextCreate(ts.cxt, "dsmapper page",
+										ALLOCSET_SMALL_SIZES);
 	ts.in_session = in_session;
 	ts.caller_cxt = caller_cxt;
 	ts.caller_owner = CurrentResourceOwner;
