@@ -50,6 +50,12 @@
 int64		dsm_current_job_id = 0;
 int32		dsm_current_shard_index = -1;
 
+/* Statements prepared once per turn (TurnState.plans). */
+#define PLAN_JOB_STATE		0
+#define PLAN_CHECKPOINT		1
+#define PLAN_PAGE			2	/* + 0: no lower bound, 1: >=, 2: > */
+#define TURN_PLANS			5
+
 /* State of one turn, allocated in its own memory context. */
 typedef struct TurnState
 {
@@ -76,6 +82,7 @@ typedef struct TurnState
 	char	   *first_key;		/* of the current page, for errors */
 	char	   *last_key;
 	MemoryContext page_cxt;		/* reset before every page */
+	SPIPlanPtr	plans[TURN_PLANS];	/* prepared once per turn */
 
 	/* Tuning, read again before every page (dsmapper_tune). */
 	int32		running_slot;	/* our max_running_shards slot, or -1 */
@@ -515,6 +522,42 @@ row_key_strings(TurnState *ts, HeapTuple tuple, TupleDesc desc)
 }
 
 /*
+ * turn_plan returns a statement prepared for this turn, preparing it on
+ * first use under the current identity.  Saved plans survive the page
+ * transactions; the plan cache replans them when the catalog changes.
+ */
+static SPIPlanPtr
+turn_plan(TurnState *ts, int which, const char *sql, int nargs, Oid *types)
+{
+	if (ts->plans[which] == NULL)
+	{
+		SPIPlanPtr	plan = SPI_prepare(sql, nargs, types);
+
+		if (plan == NULL)
+			elog(ERROR, "dsmapper: could not prepare \"%s\": %s", sql,
+				 SPI_result_code_string(SPI_result));
+		if (SPI_keepplan(plan) != 0)
+			elog(ERROR, "dsmapper: could not keep a plan");
+		ts->plans[which] = plan;
+	}
+	return ts->plans[which];
+}
+
+/*
+ * free_turn_plans releases the turn's prepared statements.
+ */
+static void
+free_turn_plans(TurnState *ts)
+{
+	for (int i = 0; i < TURN_PLANS; i++)
+	{
+		if (ts->plans[i] != NULL)
+			SPI_freeplan(ts->plans[i]);
+		ts->plans[i] = NULL;
+	}
+}
+
+/*
  * map_page runs steps 1 to 4 of a page (see the file header).  Returns the
  * number of rows mapped; *done is set when the shard has no further page or
  * the turn must stop because the job is no longer running.  Inside the
@@ -538,16 +581,18 @@ map_page(TurnState *ts, bool *done)
 	List	   *last = NIL;
 
 	/* 1. Is the job still running, and how is it tuned now? */
-	rc = SPI_execute_with_args("SELECT j.state, j.page_size,"
-							   " coalesce(j.max_running_shards, 0),"
-							   " coalesce(j.rows_per_second, 0),"
-							   " coalesce(extract(epoch FROM j.page_delay) * 1000, 0)::int8,"
-							   " coalesce(extract(epoch FROM j.target_page_time) * 1000, 0)::int8,"
-							   " (SELECT count(*) FROM dsmapper.shard s"
-							   "   WHERE s.job_id OPERATOR(pg_catalog.=) j.job_id AND s.in_turn)::int4"
-							   " FROM dsmapper.job j"
-							   " WHERE j.job_id OPERATOR(pg_catalog.=) $1",
-							   1, jtypes, jvalues, NULL, false, 0);
+	rc = SPI_execute_plan(turn_plan(ts, PLAN_JOB_STATE,
+									"SELECT j.state, j.page_size,"
+									" coalesce(j.max_running_shards, 0),"
+									" coalesce(j.rows_per_second, 0),"
+									" coalesce(extract(epoch FROM j.page_delay) * 1000, 0)::int8,"
+									" coalesce(extract(epoch FROM j.target_page_time) * 1000, 0)::int8,"
+									" (SELECT count(*) FROM dsmapper.shard s"
+									"   WHERE s.job_id OPERATOR(pg_catalog.=) j.job_id AND s.in_turn)::int4"
+									" FROM dsmapper.job j"
+									" WHERE j.job_id OPERATOR(pg_catalog.=) $1",
+									1, jtypes),
+						  jvalues, NULL, false, 0);
 	if (rc != SPI_OK_SELECT || SPI_processed != 1)
 	{
 		*done = true;
@@ -598,11 +643,17 @@ map_page(TurnState *ts, bool *done)
 		bound_params(ts, &sql, "<", ts->range_end, types, values, &nargs);
 	if (job->filter)
 		appendStringInfo(&sql, " AND (%s\n)", job->filter);
-	appendStringInfo(&sql, " ORDER BY %s LIMIT %d",
-					 dsm_key_order_sql(ts->key, ts->key->alias), ts->page_limit);
+	types[nargs] = INT4OID;
+	values[nargs] = Int32GetDatum(ts->page_limit);
+	nargs++;
+	appendStringInfo(&sql, " ORDER BY %s LIMIT $%d",
+					 dsm_key_order_sql(ts->key, ts->key->alias), nargs);
 
 	dsm_enter_owner(&owner, job->owner, job->search_path);
-	rc = SPI_execute_with_args(sql.data, nargs, types, values, NULL, false, 0);
+	rc = SPI_execute_plan(turn_plan(ts, PLAN_PAGE + (ts->resume == NIL ? 0 :
+													 ts->resume_inclusive ? 1 : 2),
+									sql.data, nargs, types),
+						  values, NULL, false, 0);
 	dsm_leave(&owner);
 	if (rc != SPI_OK_SELECT)
 		elog(ERROR, "dsmapper: could not read a page of relation \"%s\"",
@@ -669,16 +720,18 @@ map_page(TurnState *ts, bool *done)
 		cvalues[1] = Int32GetDatum(ts->shard);
 		cvalues[2] = n > 0 ? dsm_text_array_datum(last) : (Datum) 0;
 		cvalues[3] = Int64GetDatum((int64) n);
-		rc = SPI_execute_with_args("UPDATE dsmapper.shard SET state = 'running',"
-								   " started = coalesce(started, pg_catalog.clock_timestamp()),"
-								   " resume_from = coalesce($3, resume_from),"
-								   " processed = processed OPERATOR(pg_catalog.+) $4,"
-								   " attempts = 0, error = NULL, error_sqlstate = NULL,"
-								   " error_first_key = NULL, error_last_key = NULL,"
-								   " updated = pg_catalog.clock_timestamp()"
-								   " WHERE job_id OPERATOR(pg_catalog.=) $1"
-								   " AND shard OPERATOR(pg_catalog.=) $2",
-								   4, ctypes, cvalues, cnulls, false, 0);
+		rc = SPI_execute_plan(turn_plan(ts, PLAN_CHECKPOINT,
+										"UPDATE dsmapper.shard SET state = 'running',"
+										" started = coalesce(started, pg_catalog.clock_timestamp()),"
+										" resume_from = coalesce($3, resume_from),"
+										" processed = processed OPERATOR(pg_catalog.+) $4,"
+										" attempts = 0, error = NULL, error_sqlstate = NULL,"
+										" error_first_key = NULL, error_last_key = NULL,"
+										" updated = pg_catalog.clock_timestamp()"
+										" WHERE job_id OPERATOR(pg_catalog.=) $1"
+										" AND shard OPERATOR(pg_catalog.=) $2",
+										4, ctypes),
+							  cvalues, cnulls, false, 0);
 		if (rc != SPI_OK_UPDATE)
 			elog(ERROR, "dsmapper: could not write the checkpoint");
 	}
@@ -1166,6 +1219,7 @@ dsm_run_task(DsmTask *task, bool in_session, TimestampTz deadline)
 						 " WHERE job_id OPERATOR(pg_catalog.=) $1"
 						 " AND shard OPERATOR(pg_catalog.=) $2 AND in_turn",
 						 2, types, values, SPI_OK_UPDATE);
+			free_turn_plans(&ts);
 			dsm_leave(&internal);
 			page_commit(&ts);
 		}
@@ -1173,6 +1227,7 @@ dsm_run_task(DsmTask *task, bool in_session, TimestampTz deadline)
 	PG_FINALLY();
 	{
 		MemoryContextSwitchTo(caller_cxt);
+		free_turn_plans(&ts);
 		MemoryContextDelete(ts.cxt);
 	}
 	PG_END_TRY();

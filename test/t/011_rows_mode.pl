@@ -260,6 +260,8 @@ if (!defined $qtext && @lower)
 	$qtext =~ s/ ORDER BY / AND $rowexpr OPERATOR(pg_catalog.<) ROW(\$3, \$4) ORDER BY / if $rowexpr;
 }
 $qtext //= 'SELECT 1';
+# The page size is a parameter of the worker's prepared query; fix it here.
+$qtext =~ s/LIMIT \$\d+/LIMIT 1000/;
 note("page query: $qtext");
 my $explain = $node->safe_psql(
 	'big', qq{
