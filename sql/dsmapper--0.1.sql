@@ -271,6 +271,14 @@ RETURNS text
 LANGUAGE C VOLATILE
 AS 'MODULE_PATHNAME', 'dsmapper_wait';
 
+-- The same wait as a procedure: CALL it outside a transaction block and it
+-- holds no snapshot while it waits.
+CREATE PROCEDURE dsmapper_await(job bigint, timeout interval DEFAULT NULL,
+                                progress boolean DEFAULT false,
+                                INOUT state text DEFAULT NULL)
+LANGUAGE C
+AS 'MODULE_PATHNAME', 'dsmapper_await';
+
 CREATE FUNCTION dsmapper_current_job()
 RETURNS bigint
 LANGUAGE C VOLATILE

@@ -21,7 +21,9 @@
 #include "catalog/pg_proc.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
+#include "funcapi.h"
 #include "miscadmin.h"
+#include "nodes/parsenodes.h"
 #include "parser/parse_coerce.h"
 #include "pgstat.h"
 #include "utils/acl.h"
@@ -42,6 +44,7 @@ PG_FUNCTION_INFO_V1(dsmapper_pause);
 PG_FUNCTION_INFO_V1(dsmapper_resume);
 PG_FUNCTION_INFO_V1(dsmapper_retry);
 PG_FUNCTION_INFO_V1(dsmapper_wait);
+PG_FUNCTION_INFO_V1(dsmapper_await);
 PG_FUNCTION_INFO_V1(dsmapper_current_job);
 PG_FUNCTION_INFO_V1(dsmapper_current_shard);
 PG_FUNCTION_INFO_V1(dsmapper_run);
@@ -908,11 +911,13 @@ progress_notice(int64 job_id)
 }
 
 /*
- * dsmapper_wait(job bigint, timeout interval) blocks until the job is final
- * or the timeout passes, and returns its state.  Cancellable.
+ * wait_for_job: the body of dsmapper_wait() and dsmapper_await().  Blocks
+ * until the job is final or the timeout passes and returns its state;
+ * cancellable.  With nonatomic (a CALL outside a transaction block) it
+ * commits before every sleep, so the session holds no snapshot meanwhile.
  */
-Datum
-dsmapper_wait(PG_FUNCTION_ARGS)
+static char *
+wait_for_job(FunctionCallInfo fcinfo, const char *caller, bool nonatomic)
 {
 	int64		job_id;
 	TimestampTz deadline = 0;
@@ -942,9 +947,9 @@ dsmapper_wait(PG_FUNCTION_ARGS)
 					 errmsg("timeout must not be negative")));
 		deadline = GetCurrentTimestamp() + Min(usecs, PG_INT64_MAX / 4);
 	}
-	require_read_committed("dsmapper_wait()");
+	require_read_committed(caller);
 
-	SPI_connect();
+	SPI_connect_ext(nonatomic ? SPI_OPT_NONATOMIC : 0);
 	dsm_enter_internal(&internal);
 	{
 		Oid			types[1] = {INT8OID};
@@ -1018,6 +1023,14 @@ dsmapper_wait(PG_FUNCTION_ARGS)
 			sleep_ms = Min(sleep_ms, TimestampDifferenceMilliseconds(now, deadline) + 1);
 		}
 
+		/*
+		 * Called by CALL outside a transaction block, end the transaction
+		 * before sleeping: the check above left a portal snapshot behind,
+		 * and holding none while waiting lets VACUUM and HOT pruning go on.
+		 */
+		if (nonatomic)
+			SPI_commit();
+
 		if (dsm_shared != NULL)
 			(void) ConditionVariableTimedSleep(&dsm_shared->job_state_cv,
 											   sleep_ms, PG_WAIT_EXTENSION);
@@ -1036,7 +1049,43 @@ dsmapper_wait(PG_FUNCTION_ARGS)
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_OBJECT),
 				 errmsg("job " INT64_FORMAT " does not exist", job_id)));
-	PG_RETURN_TEXT_P(cstring_to_text(state));
+	return state;
+}
+
+/*
+ * dsmapper_wait(job bigint, timeout interval, progress boolean) blocks
+ * until the job is final or the timeout passes, and returns its state.
+ */
+Datum
+dsmapper_wait(PG_FUNCTION_ARGS)
+{
+	PG_RETURN_TEXT_P(cstring_to_text(wait_for_job(fcinfo, "dsmapper_wait()", false)));
+}
+
+/*
+ * dsmapper_await: the procedure form, CALL dsmapper_await(job, timeout,
+ * progress).  Outside a transaction block it commits between checks, so
+ * the waiting session holds no snapshot; its INOUT "state" receives the
+ * job's state.
+ */
+Datum
+dsmapper_await(PG_FUNCTION_ARGS)
+{
+	bool		nonatomic = fcinfo->context != NULL &&
+		IsA(fcinfo->context, CallContext) &&
+		!castNode(CallContext, fcinfo->context)->atomic;
+
+	char	   *state = wait_for_job(fcinfo, "dsmapper_await()", nonatomic);
+	TupleDesc	tupdesc;
+	Datum		values[1];
+	bool		nulls[1] = {false};
+
+	/* A procedure with output parameters returns them as one record. */
+	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "dsmapper_await must be declared with an INOUT parameter");
+	tupdesc = BlessTupleDesc(tupdesc);
+	values[0] = CStringGetTextDatum(state);
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
 }
 
 Datum

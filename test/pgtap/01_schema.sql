@@ -18,7 +18,7 @@
 \pset tuples_only true
 \pset pager off
 
-SELECT plan(151);
+SELECT plan(152);
 
 -- Schema and views -------------------------------------------------------
 
@@ -101,6 +101,13 @@ INSERT INTO api VALUES
     ('dsmapper_schedule', '{name,schedule,mapper,relation,params}',
      '{text,text,text,regclass,jsonb}', 4, 'bigint'),
     ('dsmapper_unschedule', '{name}', '{text}', 1, 'boolean');
+
+-- dsmapper_await is the procedure form of dsmapper_wait.
+SELECT ok(EXISTS (SELECT 1 FROM pg_proc
+                   WHERE proname = 'dsmapper_await' AND prokind = 'p'
+                     AND proargnames = '{job,timeout,progress,state}'
+                     AND pronargdefaults = 3),
+          'dsmapper_await(job, timeout, progress, INOUT state) is a procedure');
 
 -- The one visible function of each name (overloading would make
 -- unqualified calls with named arguments ambiguous).

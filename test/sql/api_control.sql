@@ -83,6 +83,9 @@ SELECT dsmapper_retry(NULL);
 SELECT dsmapper_wait(NULL);
 SELECT dsmapper_wait(NULL, '1 s');
 
+CALL dsmapper_await(0);
+CALL dsmapper_await(NULL);
+CALL dsmapper_await(0, '-1 s');
 SELECT dsmapper_wait(0, '-1 s');
 SELECT dsmapper_wait(0, '-1 microsecond');
 SELECT dsmapper_wait(0, '1 day -25 hours');
@@ -112,6 +115,9 @@ ROLLBACK;
 BEGIN ISOLATION LEVEL SERIALIZABLE;
 SELECT dsmapper_run();
 ROLLBACK;
+BEGIN ISOLATION LEVEL REPEATABLE READ;
+CALL dsmapper_await(0, '1 s');
+ROLLBACK;
 -- (still fine in READ COMMITTED: an unknown job is the only error)
 BEGIN ISOLATION LEVEL READ COMMITTED;
 SELECT dsmapper_wait(0, '1 s');
@@ -138,10 +144,12 @@ COMMIT;
 -- a paused job is not final: wait() times out and says "paused"
 SELECT dsmapper_wait(:job, '200 ms');
 SELECT dsmapper_wait(:job, '0');
+CALL dsmapper_await(:job, '200 ms');
 SELECT state, shards, processed FROM dsmapper.jobs WHERE job_id = :job;
 SELECT dsmapper_pause(:job);
 SELECT dsmapper_resume(:job);
-SELECT dsmapper_wait(:job, '60 s');
+-- the procedure form, outside a transaction block: commits between checks
+CALL dsmapper_await(:job, '60 s');
 SELECT state, shards, shards_done, processed, expected, progress
   FROM dsmapper.jobs WHERE job_id = :job;
 SELECT sum(v) AS mapped, min(v), max(v) FROM ct;

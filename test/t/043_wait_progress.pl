@@ -9,6 +9,8 @@
 #    on;
 #  - dsmapper_wait(job, progress => true) emits NOTICE lines with the
 #    percentage done, rows/s and an ETA, the last one saying 'succeeded';
+#  - CALL dsmapper_await (the procedure form) waits the same way but,
+#    outside a transaction block, holds no snapshot while it waits;
 #  - it refuses to wait in a REPEATABLE READ transaction and for a job the
 #    same transaction launched (which could never move).
 
@@ -163,6 +165,80 @@ ok( poll_until(
 	  or diag($err);
 	like($running[-1] // '', qr/job $long running: [0-9.]+% done, \d+ of 20000 rows, .*rows\/s.*ETA/,
 		'a running job reports its percentage, rows, rate and ETA');
+}
+
+##
+## The procedure form: CALL dsmapper_await holds no snapshot while it waits
+##
+{
+	# In a transaction block it behaves like the function.
+	is(sql("BEGIN; CALL dsmapper_await($long, '0.5 s'); COMMIT;"), 'running',
+		'CALL dsmapper_await in a transaction block returns the state after the timeout');
+
+	my $bg = $node->background_psql('postgres', on_error_stop => 0);
+	my $pid = $bg->query_safe('SELECT pg_backend_pid()');
+
+	# The function form holds its snapshot for the whole wait.
+	$bg->query_until(qr/fwait starts/, "\\echo fwait starts\nSELECT dsmapper_wait($long, timeout => '3 s');\n");
+	ok( poll_until(
+			$node, qq{
+			SELECT count(*) FROM pg_stat_activity
+			 WHERE pid = $pid AND state = 'active' AND query LIKE '%dsmapper_wait%'
+			   AND backend_xmin IS NOT NULL},
+			'1', 30),
+		'a session in dsmapper_wait() holds a snapshot (backend_xmin is set)');
+	my ($out) = $bg->query('SELECT 1');
+	like($out, qr/^running\n1$/, 'the timed function wait returned running');
+
+	# The procedure outside a transaction block ends its transaction before
+	# every check: sampled many times, the waiting session shows no xmin
+	# (except, rarely, at the instant of a check).
+	$bg->query_until(qr/pwait starts/, "\\echo pwait starts\nCALL dsmapper_await($long, '60 s');\n");
+	ok( poll_until(
+			$node, qq{
+			SELECT count(*) FROM pg_stat_activity
+			 WHERE pid = $pid AND state = 'active' AND query LIKE '%dsmapper_await%'},
+			'1', 30),
+		'the session is waiting in CALL dsmapper_await');
+	my ($with_xmin, $samples) = (0, 20);
+	for (1 .. $samples)
+	{
+		$with_xmin += sql(qq{SELECT count(*) FROM pg_stat_activity
+		                      WHERE pid = $pid AND backend_xmin IS NOT NULL});
+		usleep(50_000);
+	}
+	cmp_ok($with_xmin, '<=', 2,
+		"CALL dsmapper_await holds no snapshot while waiting ($with_xmin of $samples samples had an xmin)");
+
+	# It is cancellable, and the job goes on.
+	is(sql("SELECT pg_cancel_backend($pid)"), 't', 'pg_cancel_backend signals the CALL');
+	($out) = $bg->query('SELECT 42');
+	is($out, '42', 'the session is usable after the cancelled CALL');
+	like($bg->{stderr}, qr/canceling statement due to user request/,
+		'the cancelled CALL fails with the cancel message');
+	$bg->quit;
+	is(sql("SELECT state FROM dsmapper.jobs WHERE job_id = $long"), 'running',
+		'cancelling the CALL does not affect the job');
+
+	# Progress notices and the final state, as with the function.
+	create_counter_table($node, 'proc', 1000);
+	create_counter_mapper($node, 'count_proc', 'proc', sleep => 0.02);
+	my $job = launch($node, 'count_proc', 'proc', 'shards => 2, page_size => 20');
+	my ($rc, $err);
+	($out, $err) = ('', '');
+	$rc = $node->psql('postgres', "CALL dsmapper_await($job, progress => true)",
+		stdout => \$out, stderr => \$err);
+	is($out, 'succeeded', 'CALL dsmapper_await returns the final state in its INOUT parameter');
+	like($err, qr/NOTICE:\s+job $job succeeded: 100(\.0+)?% done/, 'and reports progress as it waits');
+	is(counter_summary($node, 'proc'), "1000|1000|0|0", 'that job mapped every row once');
+
+	# From PL/pgSQL, the INOUT parameter receives the state.
+	is( sql(qq{DO \$\$ DECLARE s text; BEGIN CALL dsmapper_await($job, NULL, false, s);
+	          RAISE NOTICE 'state=%', s; END \$\$;
+	          SELECT state FROM dsmapper.jobs WHERE job_id = $job}),
+		'succeeded', 'CALL dsmapper_await works from PL/pgSQL');
+	($rc, $out, $err) = $node->psql('postgres', 'CALL dsmapper_await(987654)');
+	like($err, qr/ERROR:\s+job 987654 does not exist/, 'CALL dsmapper_await on an unknown job fails');
 }
 
 ##
