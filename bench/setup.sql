@@ -144,21 +144,6 @@ LANGUAGE sql AS $$
       FROM pg_stat_activity WHERE backend_type = 'dsmapper worker'
 $$;
 
--- P1/P3: wait for a job without dsmapper_wait().  A session blocked in
--- dsmapper_wait() keeps the snapshot of its SELECT, and with it an xmin,
--- for the whole job; this loop commits between polls (every 10 ms), so it
--- holds back no cleanup.  Used for a second, informational timing.
-CREATE PROCEDURE bench_poll(job bigint, OUT state text)
-LANGUAGE plpgsql AS $$
-BEGIN
-    LOOP
-        SELECT j.state INTO state FROM dsmapper.job j WHERE j.job_id = job;
-        EXIT WHEN state IN ('succeeded', 'failed', 'aborted');
-        COMMIT;
-        PERFORM pg_sleep(0.01);
-    END LOOP;
-END $$;
-
 -- P4/P5: launch a no-op job with `nshards` shards on `rel`, commit, and
 -- poll every 5 ms until the split has committed (the job leaves state
 -- 'starting' in the same transaction that inserts the shard rows).
