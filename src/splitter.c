@@ -15,8 +15,9 @@
  *
  * With a filter, row-level security, or a partitioned table, the table is
  * sampled instead with TABLESAMPLE SYSTEM, which reads only the sampled
- * blocks; the filter is applied to the sample, and the sample's quantiles
- * and scaled counts give boundaries and expected counts.
+ * blocks.  The quantiles of the sampled rows that match the filter give
+ * the boundaries; the share of matching rows in the sample, times the
+ * table's row estimate, gives the expected counts.
  *
  * Shard i covers the keys k with boundary[i-1] <= k < boundary[i]; the
  * first shard is unbounded below and the last unbounded above, so keys
@@ -386,6 +387,9 @@ dsm_split_relation(DsmJob *job, DsmKey *key)
 	char	   *sql;
 	int			rc;
 	uint64		nsample;
+	uint64	   *match;			/* sample rows that match the filter */
+	uint64		nmatch;
+	double		rows_per_match;
 	SPITupleTable *sample;
 	DsmSplit   *split;
 	DsmIdentity owner;
@@ -423,13 +427,19 @@ dsm_split_relation(DsmJob *job, DsmKey *key)
 	else
 		estimated_rows = (double) nblocks * 60.0;
 
-	/* Read every key of a small table, a block sample of a large one. */
+	/*
+	 * Read every key of a small table, a block sample of a large one.  In a
+	 * sample the filter is a column, not a condition: the share of sampled
+	 * rows that match, times the table's row estimate, gives the expected
+	 * count without the variance of how many blocks the sample happened to
+	 * take (a ratio estimate).
+	 */
 	keys = dsm_key_list_sql(key, NULL);
 	order = dsm_key_order_sql(key, NULL);
 	if (nblocks <= DSM_EXACT_MAX_BLOCKS)
 	{
 		fraction = 1.0;
-		sql = psprintf("SELECT %s FROM %s%s%s%s ORDER BY %s",
+		sql = psprintf("SELECT %s, true FROM %s%s%s%s ORDER BY %s",
 					   keys, dsm_quoted_relation_name(job->relid),
 					   job->filter ? " WHERE (" : "",
 					   job->filter ? job->filter : "",
@@ -440,15 +450,19 @@ dsm_split_relation(DsmJob *job, DsmKey *key)
 	{
 		double		target = Max(DSM_SAMPLE_MIN_ROWS,
 								 (double) DSM_SAMPLE_ROWS_PER_SHARD * job->shards_wanted);
-		double		percent = Min(100.0, 100.0 * target / Max(estimated_rows, 1.0));
+		double		percent;
 
+		/* A filter that matches few rows needs a larger sample. */
+		if (job->filter)
+			target *= 2;
+		percent = Min(100.0, 100.0 * target / Max(estimated_rows, 1.0));
 		fraction = percent / 100.0;
-		sql = psprintf("SELECT %s FROM %s TABLESAMPLE SYSTEM (%.6f)%s%s%s ORDER BY %s",
-					   keys, dsm_quoted_relation_name(job->relid), percent,
-					   job->filter ? " WHERE (" : "",
+		sql = psprintf("SELECT %s, %s%s%s FROM %s TABLESAMPLE SYSTEM (%.6f) ORDER BY %s",
+					   keys,
+					   job->filter ? "coalesce((" : "true",
 					   job->filter ? job->filter : "",
-					   job->filter ? "\n)" : "",
-					   order);
+					   job->filter ? "\n), false)" : "",
+					   dsm_quoted_relation_name(job->relid), percent, order);
 	}
 
 	dsm_enter_owner(&owner, job->owner, job->search_path);
@@ -459,17 +473,42 @@ dsm_split_relation(DsmJob *job, DsmKey *key)
 	sample = SPI_tuptable;
 	nsample = SPI_processed;
 
+	/* The matching rows of the sample, in key order. */
+	match = palloc(sizeof(uint64) * Max(nsample, 1));
+	nmatch = 0;
+	for (uint64 i = 0; i < nsample; i++)
+	{
+		bool		isnull;
+		Datum		m = SPI_getbinval(sample->vals[i], sample->tupdesc,
+									 key->natts + 1, &isnull);
+
+		if (!isnull && DatumGetBool(m))
+			match[nmatch++] = i;
+	}
+
+	/*
+	 * Rows of the table that one matching sample row stands for.  Without a
+	 * filter, or without statistics, scale by the nominal fraction; with a
+	 * filter and statistics, by the share of matching rows in the sample.
+	 */
+	if (fraction >= 1.0)
+		rows_per_match = 1.0;
+	else if (job->filter && reltuples > 0 && relpages > 0 && nsample > 0)
+		rows_per_match = estimated_rows / (double) nsample;
+	else
+		rows_per_match = 1.0 / fraction;
+
 	/*
 	 * Small tables get fewer shards: no shard should be expected to hold
 	 * less than a page of rows.
 	 */
 	{
-		double		matching = nsample / fraction;
+		double		matching = nmatch * rows_per_match;
 		double		by_size = ceil(matching / Max(job->page_size, 1));
 
 		nshards = (int) Min((double) job->shards_wanted, Max(1.0, by_size));
-		if ((uint64) nshards > nsample)
-			nshards = (int) Max(nsample, 1);
+		if ((uint64) nshards > nmatch)
+			nshards = (int) Max(nmatch, 1);
 	}
 
 	/* Boundaries at the sample's quantiles, counts from the ranks. */
@@ -482,17 +521,17 @@ dsm_split_relation(DsmJob *job, DsmKey *key)
 		uint64		end;		/* one past the last sample row of shard i */
 
 		if (i == nshards - 1)
-			end = nsample;
+			end = nmatch;
 		else
 		{
-			end = (uint64) ((double) nsample * (i + 1) / nshards);
+			end = (uint64) ((double) nmatch * (i + 1) / nshards);
 			if (end <= prev_end)
 				end = prev_end + 1;
 			split->boundaries = lappend(split->boundaries,
-										key_strings(key, sample->vals[end],
+										key_strings(key, sample->vals[match[end]],
 													sample->tupdesc));
 		}
-		split->expected[i] = (int64) ((end - prev_end) / fraction + 0.5);
+		split->expected[i] = (int64) ((end - prev_end) * rows_per_match + 0.5);
 		prev_end = end;
 	}
 	split->nshards = nshards;
