@@ -11,9 +11,10 @@ CREATE SCHEMA dsmapper;
 GRANT USAGE ON SCHEMA dsmapper TO PUBLIC;
 
 -- Registered mappers: an id bound to a function, owned by its registrant.
+-- Functions are kept as plain oids: pg_upgrade refuses reg* columns.
 CREATE TABLE dsmapper.mapper (
     mapper      text PRIMARY KEY,
-    fn          regprocedure NOT NULL,
+    fn          oid NOT NULL,
     owner       oid NOT NULL,
     created     timestamptz NOT NULL DEFAULT pg_catalog.now()
 );
@@ -21,11 +22,14 @@ CREATE TABLE dsmapper.mapper (
 /*
  * One row per job.  The launch arguments are kept as given; key_columns and
  * mode are resolved at launch from the table's primary key and the mapper's
- * signature, and checked again by every turn.
+ * signature, and checked again by every turn.  fn is the mapper's function
+ * at launch (or at the last retry): a job never calls another function,
+ * whatever the mapper id is bound to later.
  */
 CREATE TABLE dsmapper.job (
     job_id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     mapper          text NOT NULL,
+    fn              oid NOT NULL,
     relation        oid NOT NULL,
     relation_name   text NOT NULL,
     key_columns     text[] NOT NULL,
@@ -212,7 +216,7 @@ SELECT s.job_id,
 
 CREATE VIEW dsmapper.mappers AS
 SELECT m.mapper,
-       m.fn AS function,
+       m.fn::pg_catalog.regprocedure AS function,
        m.owner::regrole AS owner,
        m.created
   FROM dsmapper.mapper m;

@@ -15,6 +15,7 @@
 #include "access/htup_details.h"
 #include "access/table.h"
 #include "access/xact.h"
+#include "access/xlog.h"
 #include "catalog/namespace.h"
 #include "catalog/pg_authid.h"
 #include "catalog/pg_class.h"
@@ -171,7 +172,7 @@ lookup_mapper(const char *mapper, Oid *owner, bool lock)
 	bool		isnull;
 	int			rc;
 
-	rc = SPI_execute_with_args(psprintf("SELECT fn::oid, owner FROM dsmapper.mapper"
+	rc = SPI_execute_with_args(psprintf("SELECT fn, owner FROM dsmapper.mapper"
 										" WHERE mapper OPERATOR(pg_catalog.=) $1%s",
 										lock ? " FOR UPDATE" : ""),
 							   1, types, values, NULL, false, 0);
@@ -233,7 +234,7 @@ dsmapper_register(PG_FUNCTION_ARGS)
 					 errmsg("permission denied to replace mapper \"%s\"", mapper),
 					 errdetail("Only the role that registered a mapper, its members and superusers can replace it.")));
 		dsm_enter_internal(&internal);
-		dsm_spi_exec("UPDATE dsmapper.mapper SET fn = $2::pg_catalog.regprocedure,"
+		dsm_spi_exec("UPDATE dsmapper.mapper SET fn = $2,"
 					 " created = pg_catalog.now()"
 					 " WHERE mapper OPERATOR(pg_catalog.=) $1",
 					 2, types, values, SPI_OK_UPDATE);
@@ -245,7 +246,7 @@ dsmapper_register(PG_FUNCTION_ARGS)
 		ObjectIdGetDatum(caller)};
 
 		dsm_spi_exec("INSERT INTO dsmapper.mapper (mapper, fn, owner)"
-					 " VALUES ($1, $2::pg_catalog.regprocedure, $3)",
+					 " VALUES ($1, $2, $3)",
 					 3, types, values, SPI_OK_INSERT);
 	}
 	dsm_leave(&internal);
@@ -397,6 +398,12 @@ dsmapper_launch(PG_FUNCTION_ARGS)
 				(errcode(ERRCODE_WRONG_OBJECT_TYPE),
 				 errmsg("\"%s\" is not a table", RelationGetRelationName(rel)),
 				 errdetail("dsmapper maps ordinary and partitioned tables.")));
+	if (rel->rd_rel->relpersistence == RELPERSISTENCE_TEMP)
+		ereport(ERROR,
+				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+				 errmsg("cannot map temporary table \"%s\"", RelationGetRelationName(rel)),
+				 errdetail("Jobs run in sessions of their own, which cannot read another session's temporary tables."),
+				 errhint("Copy the rows into an ordinary table and map that.")));
 	if (pg_class_aclcheck(relid, caller, ACL_SELECT) != ACLCHECK_OK)
 		ereport(ERROR,
 				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
@@ -499,11 +506,11 @@ dsmapper_launch(PG_FUNCTION_ARGS)
 	search_path = GetConfigOptionByName("search_path", NULL, false);
 	dsm_enter_internal(&internal);
 	{
-		Oid			types[14] = {TEXTOID, OIDOID, TEXTOID, TEXTARRAYOID, TEXTOID,
+		Oid			types[15] = {TEXTOID, OIDOID, TEXTOID, TEXTARRAYOID, TEXTOID,
 			TEXTOID, INT4OID, INT4OID, TEXTOID, INT4OID, INTERVALOID, BOOLOID,
-		INT4OID, OIDOID};
-		Datum		values[14];
-		char		nulls[14];
+		INT4OID, OIDOID, OIDOID};
+		Datum		values[15];
+		char		nulls[15];
 		Oid			stypes[2] = {TEXTOID, INT8OID};
 		Datum		svalues[2];
 		bool		found;
@@ -524,16 +531,17 @@ dsmapper_launch(PG_FUNCTION_ARGS)
 		values[11] = BoolGetDatum(track_progress);
 		values[12] = Int32GetDatum(max_attempts);
 		values[13] = ObjectIdGetDatum(caller);
+		values[14] = ObjectIdGetDatum(fn);
 
 		if (SPI_execute_with_args("INSERT INTO dsmapper.job (mapper, relation,"
 								  " relation_name, key_columns, mode, params,"
 								  " shards_wanted, page_size, filter, pages_per_task,"
 								  " task_duration, track_progress, max_attempts, owner,"
-								  " search_path)"
+								  " search_path, fn)"
 								  " VALUES ($1, $2, $3, $4, $5, $6::pg_catalog.jsonb,"
-								  " $7, $8, $9, $10, $11, $12, $13, $14, '')"
+								  " $7, $8, $9, $10, $11, $12, $13, $14, '', $15)"
 								  " RETURNING job_id",
-								  14, types, values, nulls, false, 0) != SPI_OK_INSERT_RETURNING)
+								  15, types, values, nulls, false, 0) != SPI_OK_INSERT_RETURNING)
 			elog(ERROR, "dsmapper: could not store the job");
 		job_id = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
 											 SPI_tuptable->tupdesc, 1, &found));
@@ -741,6 +749,8 @@ dsmapper_pause(PG_FUNCTION_ARGS)
 	{
 		dsm_set_job_state(job_id, "paused", NULL);
 		settle_open_shards(job_id, "paused");
+		/* Workers sleeping between pages of the job look again. */
+		dsm_request_wakeup_at_commit();
 	}
 	state = current_state(job_id, cxt);
 	dsm_leave(&internal);
@@ -864,8 +874,14 @@ dsmapper_retry(PG_FUNCTION_ARGS)
 		Datum		values[1] = {Int64GetDatum(job_id)};
 
 		dsm_set_job_state(job_id, new_state, NULL);
-		dsm_spi_exec("UPDATE dsmapper.job SET error = NULL, finished = NULL"
-					 " WHERE job_id OPERATOR(pg_catalog.=) $1",
+		/*
+		 * A retry picks up the mapper id's current function: the way to
+		 * run a fixed function is to register it and retry.
+		 */
+		dsm_spi_exec("UPDATE dsmapper.job j SET error = NULL, finished = NULL,"
+					 " fn = coalesce((SELECT m.fn FROM dsmapper.mapper m"
+					 "   WHERE m.mapper OPERATOR(pg_catalog.=) j.mapper), j.fn)"
+					 " WHERE j.job_id OPERATOR(pg_catalog.=) $1",
 					 1, types, values, SPI_OK_UPDATE);
 		dsm_request_wakeup_at_commit();
 	}
@@ -1129,6 +1145,15 @@ dsmapper_run(PG_FUNCTION_ARGS)
 				 errmsg("max_duration must be positive"),
 				 errhint("Use a value such as '1 minute'; months are not allowed.")));
 	require_read_committed("dsmapper_run()");
+
+	/* A standby replays the primary's queue; nothing runs here. */
+	if (RecoveryInProgress())
+	{
+		ereport(DEBUG1,
+				(errmsg_internal("dsmapper_run: recovery in progress, nothing to run")));
+		PG_RETURN_INT64(0);
+	}
+
 	deadline = GetCurrentTimestamp() + max_duration->time +
 		(int64) max_duration->day * USECS_PER_DAY;
 
@@ -1152,10 +1177,12 @@ dsmapper_run(PG_FUNCTION_ARGS)
 
 		PG_TRY();
 		{
+			dsm_session_runner = caller;
 			pages += dsm_run_task(&task, true, deadline);
 		}
 		PG_FINALLY();
 		{
+			dsm_session_runner = InvalidOid;
 			dsm_release_task(&task);
 		}
 		PG_END_TRY();
@@ -1209,6 +1236,7 @@ dsmapper_tune(PG_FUNCTION_ARGS)
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("rows_per_second must be between 0 and 1e12"),
 				 errhint("Zero removes the limit.")));
+	/* A worker sleeps at most a minute between two pages of a shard. */
 	for (int i = 4; i <= 5; i++)
 	{
 		if (!PG_ARGISNULL(i))
@@ -1216,11 +1244,12 @@ dsmapper_tune(PG_FUNCTION_ARGS)
 			Interval   *iv = PG_GETARG_INTERVAL_P(i);
 
 			if (iv->month != 0 || iv->day != 0 || iv->time < 0 ||
-				iv->time > INT64CONST(3600000000))
+				iv->time > INT64CONST(60000000) * (i == 4 ? 1 : 60))
 				ereport(ERROR,
 						(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-						 errmsg("%s must be between 0 and 1 hour",
-								i == 4 ? "page_delay" : "target_page_time"),
+						 errmsg("%s must be between 0 and %s",
+								i == 4 ? "page_delay" : "target_page_time",
+								i == 4 ? "1 minute" : "1 hour"),
 						 errhint("Zero turns it off.")));
 		}
 	}

@@ -81,6 +81,7 @@ typedef struct DsmWorkerSlot
 	bool		connected;		/* the worker got into its database */
 	int64		job_id;			/* task in hand, 0 when none */
 	int32		shard;
+	bool		stop_requested; /* dsmapper itself asked it to exit */
 } DsmWorkerSlot;
 
 typedef struct DsmDatabase
@@ -134,6 +135,7 @@ typedef struct DsmJob
 {
 	int64		job_id;
 	char	   *mapper;
+	Oid			fn;				/* the mapper's function, pinned at launch */
 	Oid			relid;
 	char	   *relation_name;
 	List	   *key_columns;	/* column names, as char * */
@@ -196,6 +198,8 @@ extern char *dsm_key_compare_sql(DsmKey *key, const char *prefix,
 extern char *dsm_quoted_relation_name(Oid relid);
 extern void dsm_enter_internal(DsmIdentity *id);
 extern void dsm_enter_owner(DsmIdentity *id, Oid owner, const char *search_path);
+extern Oid	dsm_session_runner;
+extern uint64 dsm_database_generation(Oid dboid);
 extern void dsm_leave(DsmIdentity *id);
 extern Oid	dsm_extension_owner(void);
 extern Oid	dsm_extension_schema(void);

@@ -45,6 +45,7 @@
 #include "utils/relcache.h"
 #include "utils/syscache.h"
 #include "utils/timestamp.h"
+#include "utils/varlena.h"
 
 /*
  * dsm_extension_owner returns the role that owns the dsmapper extension in
@@ -115,12 +116,25 @@ dsm_extension_exists(void)
 		OidIsValid(get_namespace_oid("dsmapper", true));
 }
 
+/*
+ * The role that called dsmapper_run() in this session, while it runs;
+ * InvalidOid in workers and elsewhere.
+ */
+Oid			dsm_session_runner = InvalidOid;
+
+/*
+ * enter_identity switches to a role and a search_path until dsm_leave.
+ * restricted makes it a security-restricted operation, as PostgreSQL does
+ * for user code that maintenance commands run.
+ */
 static void
-enter_identity(DsmIdentity *id, Oid role, const char *search_path)
+enter_identity(DsmIdentity *id, Oid role, const char *search_path,
+			   bool restricted)
 {
 	GetUserIdAndSecContext(&id->saved_userid, &id->saved_sec_context);
 	SetUserIdAndSecContext(role,
-						   id->saved_sec_context | SECURITY_LOCAL_USERID_CHANGE);
+						   id->saved_sec_context | SECURITY_LOCAL_USERID_CHANGE |
+						   (restricted ? SECURITY_RESTRICTED_OPERATION : 0));
 	id->guc_nestlevel = NewGUCNestLevel();
 	(void) set_config_option("search_path", search_path,
 							 PGC_USERSET, PGC_S_SESSION,
@@ -134,7 +148,7 @@ enter_identity(DsmIdentity *id, Oid role, const char *search_path)
 void
 dsm_enter_internal(DsmIdentity *id)
 {
-	enter_identity(id, dsm_extension_owner(), "pg_catalog, pg_temp");
+	enter_identity(id, dsm_extension_owner(), "pg_catalog, pg_temp", false);
 
 	/*
 	 * Keys are stored as text: write and read them with fixed settings so
@@ -151,6 +165,30 @@ dsm_enter_internal(DsmIdentity *id)
 }
 
 /*
+ * search_path_names_temp tells whether a search_path setting lists the
+ * temporary schema ("pg_temp" as a whole element, not inside a name).
+ */
+static bool
+search_path_names_temp(const char *search_path)
+{
+	char	   *copy = pstrdup(search_path);
+	List	   *names;
+	ListCell   *lc;
+	bool		found = false;
+
+	if (!SplitIdentifierString(copy, ',', &names))
+		return false;			/* unparsable: append pg_temp to be safe */
+	foreach(lc, names)
+	{
+		if (strcmp((char *) lfirst(lc), "pg_temp") == 0)
+			found = true;
+	}
+	list_free(names);
+	pfree(copy);
+	return found;
+}
+
+/*
  * dsm_enter_owner switches to a job's owner and its launch-time
  * search_path.  Inside a transaction; pair with dsm_leave.
  */
@@ -162,10 +200,19 @@ dsm_enter_owner(DsmIdentity *id, Oid owner, const char *search_path)
 	 * dsmapper_run() in someone's session) is searched last, never first,
 	 * unless the owner's own search_path placed it.
 	 */
-	if (strstr(search_path, "pg_temp") == NULL)
+	if (!search_path_names_temp(search_path))
 		search_path = psprintf("%s%spg_temp", search_path,
 							   search_path[0] != '\0' ? ", " : "");
-	enter_identity(id, owner, search_path);
+
+	/*
+	 * In dsmapper_run() a superuser's session may run other roles' jobs.
+	 * Their code then must not leave temporary tables, held cursors or
+	 * listeners behind for the session's own later statements to meet: it
+	 * runs as a security-restricted operation.  (Workers instead clear
+	 * such state after every turn, see worker.c.)
+	 */
+	enter_identity(id, owner, search_path,
+				   OidIsValid(dsm_session_runner) && owner != dsm_session_runner);
 }
 
 /*
@@ -308,7 +355,7 @@ dsm_load_job(int64 job_id, bool lock_row, MemoryContext mcxt)
 			" params::text, shards_wanted, page_size, filter, pages_per_task,"
 			" (extract(epoch FROM task_duration) * 1000)::int8,"
 			" track_progress, max_attempts, owner, search_path, state,"
-			" started"
+			" started, fn"
 			" FROM dsmapper.job WHERE job_id OPERATOR(pg_catalog.=) $1%s",
 			lock_row ? " FOR NO KEY UPDATE" : ""),
 			1, types, values, NULL, false, 1);
@@ -342,6 +389,7 @@ dsm_load_job(int64 job_id, bool lock_row, MemoryContext mcxt)
 	job->started = DatumGetTimestampTz(SPI_getbinval(tuple, desc, 17, &isnull));
 	if (isnull)
 		job->started = 0;
+	job->fn = DatumGetObjectId(SPI_getbinval(tuple, desc, 18, &isnull));
 	MemoryContextSwitchTo(oldcxt);
 
 	return job;

@@ -211,6 +211,7 @@ start_workers(void)
 			dsm_shared->slots[free_slot].state = DSM_SLOT_STARTING;
 			dsm_shared->slots[free_slot].dboid = db->dboid;
 			dsm_shared->slots[free_slot].incarnation = dsm_shared->next_incarnation++;
+			dsm_shared->slots[free_slot].stop_requested = false;
 			requests[nrequests].slot = free_slot;
 			requests[nrequests].dboid = db->dboid;
 			requests[nrequests].incarnation = dsm_shared->slots[free_slot].incarnation;

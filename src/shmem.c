@@ -152,6 +152,27 @@ dsm_find_database(Oid dboid, bool create)
 }
 
 /*
+ * dsm_database_generation returns a database's wake-up generation, which
+ * changes whenever news for its workers is committed; 0 without shared
+ * memory or an entry.  Any process.
+ */
+uint64
+dsm_database_generation(Oid dboid)
+{
+	DsmDatabase *db;
+	uint64		generation = 0;
+
+	if (!dsm_workers_available())
+		return 0;
+	LWLockAcquire(dsm_shared->lock, LW_SHARED);
+	db = dsm_find_database(dboid, false);
+	if (db != NULL)
+		generation = db->generation;
+	LWLockRelease(dsm_shared->lock);
+	return generation;
+}
+
+/*
  * dsm_wake_database tells the workers of a database that new work was
  * committed: it bumps the generation, sets the latch of every idle worker
  * there, and wakes the launcher when the database has no live worker.
@@ -334,8 +355,8 @@ dsm_announce_job_state_change(void)
  * dsm_cancel_job_pages cancels the pages that workers of a database are
  * running for a job (SIGINT, as pg_cancel_backend does), so an abort does
  * not wait for a long page.  The worker rolls the page back and, seeing
- * the job aborting, aborts the shard.  Returns the number of workers
- * signalled.
+ * the job aborting, aborts the shard.  job_id 0 cancels the pages of every
+ * job of the database.  Returns the number of workers signalled.
  */
 int
 dsm_cancel_job_pages(Oid dboid, int64 job_id)
@@ -350,7 +371,8 @@ dsm_cancel_job_pages(Oid dboid, int64 job_id)
 	{
 		DsmWorkerSlot *slot = &dsm_shared->slots[i];
 
-		if (slot->dboid == dboid && slot->job_id == job_id &&
+		if (slot->dboid == dboid && slot->job_id != 0 &&
+			(job_id == 0 || slot->job_id == job_id) &&
 			slot->state == DSM_SLOT_BUSY && slot->pid != 0 &&
 			kill(slot->pid, SIGINT) == 0)
 			signalled++;

@@ -40,6 +40,7 @@
 #include "utils/datum.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
+#include "utils/regproc.h"
 #include "utils/rel.h"
 #include "utils/resowner.h"
 #include "utils/snapmgr.h"
@@ -353,6 +354,48 @@ key_text(List *strings)
 }
 
 /*
+ * check_owner_privileges fails the page unless the job's owner may still
+ * read the table and call the function.  Checked by every page: a revoke
+ * takes effect at the next page, not at the next turn.
+ */
+static void
+check_owner_privileges(DsmJob *job, Oid fn)
+{
+	if (pg_class_aclcheck(job->relid, job->owner, ACL_SELECT) != ACLCHECK_OK)
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("job owner %s no longer has SELECT privilege on relation \"%s\"",
+						GetUserNameFromId(job->owner, true) ?
+						GetUserNameFromId(job->owner, true) : "?",
+						job->relation_name)));
+	if (pg_proc_aclcheck(fn, job->owner, ACL_EXECUTE) != ACLCHECK_OK)
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("job owner %s no longer has EXECUTE privilege on the function of mapper \"%s\"",
+						GetUserNameFromId(job->owner, true) ?
+						GetUserNameFromId(job->owner, true) : "?",
+						job->mapper)));
+}
+
+/*
+ * check_mapper_binding fails the page when the mapper id is now bound to
+ * another function than the one the job was launched with: a registrant
+ * must not be able to swap the code that runs as someone else's job.
+ */
+static void
+check_mapper_binding(DsmJob *job, Oid registered)
+{
+	if (registered != job->fn)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("mapper \"%s\" was bound to another function after job " INT64_FORMAT " was launched",
+						job->mapper, job->job_id),
+				 errdetail("The job calls only the function it was launched with, %s.",
+						   format_procedure(job->fn)),
+				 errhint("Retry the job with dsmapper_retry() to run the mapper's new function.")));
+}
+
+/*
  * resolve_mapper checks everything a turn depends on that may have vanished
  * or changed since launch, and prepares the turn's function call and query
  * text.  Internal identity, SPI connected.
@@ -378,13 +421,15 @@ resolve_mapper(TurnState *ts)
 				(errcode(ERRCODE_UNDEFINED_OBJECT),
 				 errmsg("role of job owner (OID %u) no longer exists", job->owner)));
 
-	fn = (Oid) dsm_spi_int64("SELECT fn::oid::int8 FROM dsmapper.mapper"
+	fn = (Oid) dsm_spi_int64("SELECT fn::int8 FROM dsmapper.mapper"
 							 " WHERE mapper OPERATOR(pg_catalog.=) $1",
 							 1, types, values, &found);
 	if (!found)
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_OBJECT),
 				 errmsg("mapper \"%s\" is no longer registered", job->mapper)));
+	check_mapper_binding(job, fn);
+	fn = job->fn;
 
 	proctup = SearchSysCache1(PROCOID, ObjectIdGetDatum(fn));
 	if (!HeapTupleIsValid(proctup))
@@ -447,20 +492,7 @@ resolve_mapper(TurnState *ts)
 	table_close(rel, AccessShareLock);
 
 	/* The owner may still read the table and call the function. */
-	if (pg_class_aclcheck(job->relid, job->owner, ACL_SELECT) != ACLCHECK_OK)
-		ereport(ERROR,
-				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
-				 errmsg("job owner %s no longer has SELECT privilege on relation \"%s\"",
-						GetUserNameFromId(job->owner, true) ?
-						GetUserNameFromId(job->owner, true) : "?",
-						job->relation_name)));
-	if (pg_proc_aclcheck(fn, job->owner, ACL_EXECUTE) != ACLCHECK_OK)
-		ereport(ERROR,
-				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
-				 errmsg("job owner %s no longer has EXECUTE privilege on the function of mapper \"%s\"",
-						GetUserNameFromId(job->owner, true) ?
-						GetUserNameFromId(job->owner, true) : "?",
-						job->mapper)));
+	check_owner_privileges(job, fn);
 
 	/* Prepare the call and the page query. */
 	fmgr_info_cxt(fn, &ts->flinfo, ts->cxt);
@@ -480,16 +512,25 @@ resolve_mapper(TurnState *ts)
 
 /*
  * bound_params appends "(cols) op ($n, ...)" to buf and the key's values to
- * the parameter arrays.  Internal identity (for the text to key input).
+ * the parameter arrays.  Internal identity; the text is read as the owner.
  */
 static void
 bound_params(TurnState *ts, StringInfo buf, const char *op, List *strings,
 			 Oid *types, Datum *values, int *nargs)
 {
 	ListCell   *lc;
+	DsmIdentity owner;
 
 	appendStringInfo(buf, " AND %s",
 					 dsm_key_compare_sql(ts->key, ts->key->alias, op, *nargs + 1));
+
+	/*
+	 * The input function of a domain key runs the domain's CHECK
+	 * expressions, which are user code: run it as the owner.  The pinned
+	 * DateStyle and friends of the internal identity stay in force, so the
+	 * text reads back as it was written.
+	 */
+	dsm_enter_owner(&owner, ts->job->owner, ts->job->search_path);
 	foreach(lc, strings)
 	{
 		int			c = foreach_current_index(lc);
@@ -500,6 +541,7 @@ bound_params(TurnState *ts, StringInfo buf, const char *op, List *strings,
 											  ts->key->typioparams[c], -1);
 		(*nargs)++;
 	}
+	dsm_leave(&owner);
 }
 
 /*
@@ -588,7 +630,9 @@ map_page(TurnState *ts, bool *done)
 									" coalesce(extract(epoch FROM j.page_delay) * 1000, 0)::int8,"
 									" coalesce(extract(epoch FROM j.target_page_time) * 1000, 0)::int8,"
 									" (SELECT count(*) FROM dsmapper.shard s"
-									"   WHERE s.job_id OPERATOR(pg_catalog.=) j.job_id AND s.in_turn)::int4"
+									"   WHERE s.job_id OPERATOR(pg_catalog.=) j.job_id AND s.in_turn)::int4,"
+									" (SELECT m.fn FROM dsmapper.mapper m"
+									"   WHERE m.mapper OPERATOR(pg_catalog.=) j.mapper)"
 									" FROM dsmapper.job j"
 									" WHERE j.job_id OPERATOR(pg_catalog.=) $1",
 									1, jtypes),
@@ -610,6 +654,7 @@ map_page(TurnState *ts, bool *done)
 		HeapTuple	t = SPI_tuptable->vals[0];
 		TupleDesc	d = SPI_tuptable->tupdesc;
 		bool		isnull;
+		Oid			registered;
 		int			page_size = DatumGetInt32(SPI_getbinval(t, d, 2, &isnull));
 		int64		target = DatumGetInt64(SPI_getbinval(t, d, 6, &isnull));
 
@@ -617,6 +662,14 @@ map_page(TurnState *ts, bool *done)
 		ts->rows_per_second = DatumGetFloat8(SPI_getbinval(t, d, 4, &isnull));
 		ts->page_delay_ms = DatumGetInt64(SPI_getbinval(t, d, 5, &isnull));
 		ts->shards_in_turn = DatumGetInt32(SPI_getbinval(t, d, 7, &isnull));
+
+		/* The mapper is still registered, to the same function. */
+		registered = DatumGetObjectId(SPI_getbinval(t, d, 8, &isnull));
+		if (isnull)
+			ereport(ERROR,
+					(errcode(ERRCODE_UNDEFINED_OBJECT),
+					 errmsg("mapper \"%s\" is no longer registered", job->mapper)));
+		check_mapper_binding(job, registered);
 
 		/* A new target, or none, starts again from the configured size. */
 		if (target == 0 || target != ts->target_page_ms || ts->adaptive_size <= 0)
@@ -681,6 +734,7 @@ map_page(TurnState *ts, bool *done)
 			ereport(ERROR,
 					(errcode(ERRCODE_UNDEFINED_FUNCTION),
 					 errmsg("function of mapper \"%s\" no longer exists", job->mapper)));
+		check_owner_privileges(job, ts->fn_oid);
 		if (!IsBinaryCoercible(SPI_gettypeid(page->tupdesc, column), ts->elem_type))
 			elog(ERROR, "dsmapper: page column of type %s does not fit the mapper's %s[]",
 				 format_type_be(SPI_gettypeid(page->tupdesc, column)),
@@ -897,13 +951,21 @@ pace_pages(TurnState *ts, int64 rows, long page_ms)
 	{
 		TimestampTz until = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
 														sleep_ms);
+		uint64		generation = dsm_database_generation(MyDatabaseId);
 
+		/*
+		 * Sleep between pages, outside any transaction.  A pending cancel
+		 * or shutdown ends the sleep without raising it here: the next
+		 * page's own handling takes it.  So does committed news for this
+		 * database (a pause, an abort, dsmapper_tune), which the next page
+		 * reads.
+		 */
 		for (;;)
 		{
 			long		left = TimestampDifferenceMilliseconds(GetCurrentTimestamp(), until);
 
-			CHECK_FOR_INTERRUPTS();
-			if (left <= 0)
+			if (left <= 0 || InterruptPending || ConfigReloadPending ||
+				dsm_database_generation(MyDatabaseId) != generation)
 				break;
 			(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
 							 Min(left, 1000), PG_WAIT_EXTENSION);
@@ -957,15 +1019,14 @@ run_shard_turn(TurnState *ts, TimestampTz deadline)
 	while (!done)
 	{
 		TimestampTz page_started;
-		long		page_ms;
+		volatile long page_ms = 0;
+		volatile int64 rows = 0;
 
 		ts->first_key = ts->last_key = NULL;
 		MemoryContextReset(ts->page_cxt);
 		page_begin(ts);
 		PG_TRY();
 		{
-			int64		rows;
-
 			/* A cancel (abort) between pages is handled like one in a page. */
 			CHECK_FOR_INTERRUPTS();
 
@@ -996,8 +1057,6 @@ run_shard_turn(TurnState *ts, TimestampTz deadline)
 													  GetCurrentTimestamp());
 			if (rows > 0)
 				pages++;
-			if (!done)
-				pace_pages(ts, rows, page_ms);
 			elog(DEBUG1, "dsmapper job " INT64_FORMAT " shard %d: page of "
 				 INT64_FORMAT " rows", ts->job_id, ts->shard, rows);
 		}
@@ -1017,6 +1076,8 @@ run_shard_turn(TurnState *ts, TimestampTz deadline)
 
 		if (ts->stop_turn)
 			break;
+		if (!done)
+			pace_pages(ts, rows, page_ms);
 		if (ts->job->pages_per_task > 0 && pages >= ts->job->pages_per_task)
 			break;
 		/* New work waits while every worker is in a turn: make room. */

@@ -9,18 +9,30 @@
  * dsmapper.worker_idle_timeout, so before such a command runs, the
  * backend asks the workers of that database to exit and waits (briefly)
  * for them to go.  The database is also marked as wanting no workers, so
- * the launcher does not start new ones meanwhile.
+ * the launcher does not start new ones meanwhile; if the command fails, or
+ * the database stays (a rename, a copy), a probe brings workers back.  Only
+ * a role that could run the command (the database's owner, or for a copy
+ * a role that may create databases from that template) makes workers
+ * leave.
+ *
+ * DROP EXTENSION dsmapper needs every dsmapper table to itself: the pages
+ * in flight in this database are canceled first, so the command does not
+ * wait for a long mapper call.
  *
  *-------------------------------------------------------------------------
  */
 #include "dsmapper.h"
 
+#include "catalog/pg_database.h"
 #include "commands/dbcommands.h"
+#include "commands/extension.h"
 #include "commands/defrem.h"
 #include "miscadmin.h"
 #include "nodes/parsenodes.h"
 #include "pgstat.h"
 #include "tcop/utility.h"
+#include "utils/acl.h"
+#include "utils/syscache.h"
 #include "utils/timestamp.h"
 
 #include <signal.h>
@@ -31,17 +43,35 @@ static ProcessUtility_hook_type prev_process_utility = NULL;
  * release_database asks the workers of a database to exit and waits up to
  * a few seconds for them.  Any backend; a no-op without shared memory.
  */
-static void
-release_database(const char *dbname)
+static Oid
+release_database(const char *dbname, bool as_template)
 {
 	Oid			dboid;
 	TimestampTz deadline;
 
 	if (!dsm_workers_available() || dbname == NULL)
-		return;
+		return InvalidOid;
 	dboid = get_database_oid(dbname, true);
 	if (!OidIsValid(dboid) || dboid == MyDatabaseId)
-		return;
+		return InvalidOid;
+
+	/* Someone who cannot run the command does not disturb the workers. */
+	if (!pg_database_ownercheck(dboid, GetUserId()))
+	{
+		HeapTuple	tuple;
+		bool		is_template = false;
+
+		if (!as_template || !have_createdb_privilege())
+			return InvalidOid;
+		tuple = SearchSysCache1(DATABASEOID, ObjectIdGetDatum(dboid));
+		if (HeapTupleIsValid(tuple))
+		{
+			is_template = ((Form_pg_database) GETSTRUCT(tuple))->datistemplate;
+			ReleaseSysCache(tuple);
+		}
+		if (!is_template)
+			return InvalidOid;
+	}
 
 	deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), 5000);
 	for (;;)
@@ -65,6 +95,7 @@ release_database(const char *dbname)
 			if (slot->pid != 0 && kill(slot->pid, 0) == 0)
 			{
 				remaining++;
+				slot->stop_requested = true;
 				(void) kill(slot->pid, SIGTERM);
 			}
 		}
@@ -77,6 +108,53 @@ release_database(const char *dbname)
 						 50L, PG_WAIT_EXTENSION);
 		ResetLatch(MyLatch);
 	}
+	return dboid;
+}
+
+/*
+ * probe_database asks the launcher to look for work in a database again,
+ * after release_database.  Any backend.
+ */
+static void
+probe_database(Oid dboid)
+{
+	DsmDatabase *db;
+
+	LWLockAcquire(dsm_shared->lock, LW_EXCLUSIVE);
+	db = dsm_find_database(dboid, false);
+	if (db != NULL)
+		db->probe = true;
+	if (dsm_shared->launcher_latch)
+		SetLatch(dsm_shared->launcher_latch);
+	LWLockRelease(dsm_shared->lock);
+}
+
+/*
+ * drops_this_extension tells whether a statement is DROP EXTENSION naming
+ * dsmapper, run by a role that may drop it.
+ */
+static bool
+drops_this_extension(Node *parsetree)
+{
+	DropStmt   *drop;
+	ListCell   *lc;
+
+	if (!IsA(parsetree, DropStmt))
+		return false;
+	drop = (DropStmt *) parsetree;
+	if (drop->removeType != OBJECT_EXTENSION)
+		return false;
+	foreach(lc, drop->objects)
+	{
+		Node	   *name = lfirst(lc);
+		Oid			extoid;
+
+		if (!IsA(name, String) || strcmp(strVal(name), DSM_EXTENSION_NAME) != 0)
+			continue;
+		extoid = get_extension_oid(DSM_EXTENSION_NAME, true);
+		return OidIsValid(extoid) && pg_extension_ownercheck(extoid, GetUserId());
+	}
+	return false;
 }
 
 static void
@@ -86,12 +164,17 @@ dsm_process_utility(PlannedStmt *pstmt, const char *queryString,
 					DestReceiver *dest, QueryCompletion *qc)
 {
 	Node	   *parsetree = pstmt->utilityStmt;
+	Oid			released = InvalidOid;
+	bool		dropping = false;
 
 	if (IsA(parsetree, DropdbStmt))
-		release_database(((DropdbStmt *) parsetree)->dbname);
+	{
+		released = release_database(((DropdbStmt *) parsetree)->dbname, false);
+		dropping = true;
+	}
 	else if (IsA(parsetree, RenameStmt) &&
 			 ((RenameStmt *) parsetree)->renameType == OBJECT_DATABASE)
-		release_database(((RenameStmt *) parsetree)->subname);
+		released = release_database(((RenameStmt *) parsetree)->subname, false);
 	else if (IsA(parsetree, CreatedbStmt))
 	{
 		ListCell   *lc;
@@ -101,16 +184,32 @@ dsm_process_utility(PlannedStmt *pstmt, const char *queryString,
 			DefElem    *option = lfirst_node(DefElem, lc);
 
 			if (strcmp(option->defname, "template") == 0 && option->arg != NULL)
-				release_database(defGetString(option));
+				released = release_database(defGetString(option), true);
 		}
 	}
+	else if (dsm_workers_available() && drops_this_extension(parsetree))
+		(void) dsm_cancel_job_pages(MyDatabaseId, 0);
 
-	if (prev_process_utility)
-		prev_process_utility(pstmt, queryString, readOnlyTree, context,
-							 params, queryEnv, dest, qc);
-	else
-		standard_ProcessUtility(pstmt, queryString, readOnlyTree, context,
-								params, queryEnv, dest, qc);
+	PG_TRY();
+	{
+		if (prev_process_utility)
+			prev_process_utility(pstmt, queryString, readOnlyTree, context,
+								 params, queryEnv, dest, qc);
+		else
+			standard_ProcessUtility(pstmt, queryString, readOnlyTree, context,
+									params, queryEnv, dest, qc);
+	}
+	PG_CATCH();
+	{
+		/* The database is still there: let its workers come back. */
+		if (OidIsValid(released))
+			probe_database(released);
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
+
+	if (OidIsValid(released) && !dropping)
+		probe_database(released);
 }
 
 /*

@@ -17,6 +17,16 @@
  *
  * SIGTERM is handled by die(), so a fast shutdown interrupts even a long
  * mapper call; the open page is rolled back and its checkpoint is intact.
+ * A shard whose turn ends by a process exit is taken by its next turn for
+ * a crash and charged a failed attempt, so that a mapper that kills its
+ * own backend cannot loop forever; but when the SIGTERM came from the
+ * postmaster (a shutdown) or from dsmapper itself (making room for
+ * DROP DATABASE), the exiting worker clears the shard's mark first and no
+ * attempt is charged.
+ *
+ * Session state that one owner's mapper leaves behind (temporary tables,
+ * prepared statements, held cursors, listeners, advisory locks) is cleared
+ * after every turn, so that it never meets another owner's job.
  *
  *-------------------------------------------------------------------------
  */
@@ -24,6 +34,11 @@
 
 #include "access/xact.h"
 #include "catalog/pg_type.h"
+#include "utils/portal.h"
+#include "catalog/namespace.h"
+#include "commands/sequence.h"
+#include "commands/prepare.h"
+#include "commands/async.h"
 #include "executor/spi.h"
 #include "miscadmin.h"
 #include "pgstat.h"
@@ -46,6 +61,14 @@ typedef struct DsmWorkerExtra
 
 static int	my_slot = -1;
 static sigjmp_buf recovery_point;
+static volatile sig_atomic_t terminated_by_postmaster = false;
+
+static void clear_in_turn(int64 job_id, int32 shard);
+
+/* The last error the recovery point caught, and how often in a row. */
+static int	recovery_errcode = 0;
+static char recovery_message[256];
+static int	recoveries = 0;
 
 /*
  * worker_detach marks our slot as exiting so no one counts on it; the
@@ -62,6 +85,57 @@ worker_detach(int code, Datum arg)
 	LWLockRelease(dsm_shared->lock);
 	if (dsm_shared->launcher_latch)
 		SetLatch(dsm_shared->launcher_latch);
+}
+
+/*
+ * worker_sigterm records whether the postmaster sent the SIGTERM (a
+ * shutdown) and then handles it like any backend does.
+ */
+static void
+worker_sigterm(int signo, siginfo_t *info, void *context)
+{
+	if (info != NULL && info->si_pid == PostmasterPid)
+		terminated_by_postmaster = true;
+	die(signo);
+}
+
+/*
+ * worker_release_turn runs at process exit.  When the exit was asked for
+ * (a shutdown, or dsmapper making room for database DDL) rather than
+ * caused by the turn, it rolls back the open page and clears the shard's
+ * in_turn mark, so the interrupted page is not charged as a failed
+ * attempt.  Runs before the connection is shut down.
+ */
+static void
+worker_release_turn(int code, Datum arg)
+{
+	DsmWorkerSlot *slot = &dsm_shared->slots[my_slot];
+
+	if (!terminated_by_postmaster && !slot->stop_requested)
+		return;
+	if (slot->job_id == 0 || slot->shard == DSM_SPLIT_TASK)
+		return;
+	AbortOutOfAnyTransaction();
+	clear_in_turn(slot->job_id, slot->shard);
+}
+
+/*
+ * forget_session_state drops what user code may have left in this session
+ * during a turn, as DISCARD ALL would (the GUCs are reverted already when
+ * leaving the owner's identity).  Outside a transaction, no task claimed.
+ */
+static void
+forget_session_state(void)
+{
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	PortalHashTableDeleteAll();
+	DropAllPreparedStatements();
+	Async_UnlistenAll();
+	LockReleaseAll(USER_LOCKMETHOD, true);
+	ResetTempTableNamespace();
+	ResetSequenceCaches();
+	CommitTransactionCommand();
 }
 
 /*
@@ -203,7 +277,16 @@ dsm_worker_main(Datum main_arg)
 	memcpy(&extra, MyBgworkerEntry->bgw_extra, sizeof(extra));
 
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
-	pqsignal(SIGTERM, die);
+	{
+		struct sigaction act;
+
+		memset(&act, 0, sizeof(act));
+		act.sa_sigaction = worker_sigterm;
+		act.sa_flags = SA_SIGINFO | SA_RESTART;
+		sigemptyset(&act.sa_mask);
+		if (sigaction(SIGTERM, &act, NULL) < 0)
+			pqsignal(SIGTERM, die);
+	}
 	BackgroundWorkerUnblockSignals();
 
 	/* Take over our slot, unless the launcher gave it away meanwhile. */
@@ -222,6 +305,8 @@ dsm_worker_main(Datum main_arg)
 	before_shmem_exit(worker_detach, (Datum) 0);
 
 	BackgroundWorkerInitializeConnectionByOid(dboid, InvalidOid, 0);
+	/* Registered after the connection, so it runs while that still works. */
+	before_shmem_exit(worker_release_turn, (Datum) 0);
 	pgstat_report_appname("dsmapper worker");
 	LWLockAcquire(dsm_shared->lock, LW_EXCLUSIVE);
 	slot->connected = true;
@@ -256,18 +341,32 @@ dsm_worker_main(Datum main_arg)
 	 */
 	if (sigsetjmp(recovery_point, 1) != 0)
 	{
+		long		pause_ms;
+
 		error_context_stack = NULL;
 		HOLD_INTERRUPTS();
 		{
 			ErrorData  *edata;
+			bool		repeated;
 
 			MemoryContextSwitchTo(TopMemoryContext);
 			edata = CopyErrorData();
 			FlushErrorState();
-			ereport(LOG,
+
+			/*
+			 * An error that keeps coming back is logged once, then at DEBUG1
+			 * while it repeats, and the pauses between tries grow.
+			 */
+			repeated = recovery_errcode == edata->sqlerrcode &&
+				strcmp(recovery_message, edata->message ? edata->message : "") == 0;
+			ereport(repeated ? DEBUG1 : LOG,
 					(errmsg("dsmapper worker recovered from an error: %s",
 							edata->message ? edata->message : "unknown error"),
 					 errdetail("SQLSTATE %s.", unpack_sql_state(edata->sqlerrcode))));
+			recovery_errcode = edata->sqlerrcode;
+			strlcpy(recovery_message, edata->message ? edata->message : "",
+					sizeof(recovery_message));
+			recoveries = repeated ? recoveries + 1 : 1;
 			FreeErrorData(edata);
 		}
 		AbortOutOfAnyTransaction();
@@ -291,8 +390,9 @@ dsm_worker_main(Datum main_arg)
 		LWLockRelease(dsm_shared->lock);
 		pgstat_report_activity(STATE_IDLE, NULL);
 		RESUME_INTERRUPTS();
-		(void) WaitLatch(MyLatch, WL_TIMEOUT | WL_EXIT_ON_PM_DEATH, 1000L,
-						 PG_WAIT_EXTENSION);
+		pause_ms = 1000L << Min(recoveries - 1, 6);
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 pause_ms, PG_WAIT_EXTENSION);
 	}
 	PG_exception_stack = &recovery_point;
 
@@ -325,6 +425,7 @@ dsm_worker_main(Datum main_arg)
 		if (claim_next(&task, &ready_count, &next_ready, &extension_gone))
 		{
 			bool		yield;
+			char		activity[64];
 
 			LWLockAcquire(dsm_shared->lock, LW_EXCLUSIVE);
 			slot->state = DSM_SLOT_BUSY;
@@ -337,11 +438,14 @@ dsm_worker_main(Datum main_arg)
 			}
 			LWLockRelease(dsm_shared->lock);
 
-			pgstat_report_activity(STATE_RUNNING,
-								   task.shard == DSM_SPLIT_TASK ?
-								   psprintf("dsmapper job " INT64_FORMAT " split", task.job_id) :
-								   psprintf("dsmapper job " INT64_FORMAT " shard %d",
-											task.job_id, task.shard));
+			if (task.shard == DSM_SPLIT_TASK)
+				snprintf(activity, sizeof(activity),
+						 "dsmapper job " INT64_FORMAT " split", task.job_id);
+			else
+				snprintf(activity, sizeof(activity),
+						 "dsmapper job " INT64_FORMAT " shard %d",
+						 task.job_id, task.shard);
+			pgstat_report_activity(STATE_RUNNING, activity);
 			LWLockAcquire(dsm_shared->lock, LW_EXCLUSIVE);
 			slot->job_id = task.job_id;
 			slot->shard = task.shard;
@@ -357,6 +461,9 @@ dsm_worker_main(Datum main_arg)
 			dsm_release_task(&task);
 			pgstat_report_activity(STATE_IDLE, NULL);
 			pfree(task.job_state);
+			forget_session_state();
+			recoveries = 0;
+			recovery_errcode = 0;
 			last_work = GetCurrentTimestamp();
 
 			/* Give the slot to a database that has none, round robin. */

@@ -120,6 +120,9 @@ SELECT dsmapper_launch('launch-ids', 'lt_matview');
 SELECT dsmapper_launch('launch-ids', 'lt_seq');
 SELECT dsmapper_launch('launch-ids', 'lt_pkey');
 SELECT dsmapper_launch('launch-ids', 'lt_no_such_table');
+CREATE TEMPORARY TABLE lt_temp (id bigint PRIMARY KEY);
+SELECT dsmapper_launch('launch-ids', 'lt_temp');
+DROP TABLE lt_temp;
 
 -- Mappers that do not fit the table.
 SELECT dsmapper_launch('launch-ids', 'lt_comp');

@@ -84,8 +84,8 @@ SELECT count(*) FROM dsmapper.shard;
 SELECT count(*) FROM dsmapper.queue;
 SELECT count(*) FROM dsmapper.mapper;
 INSERT INTO dsmapper.mapper (mapper, fn, owner)
-VALUES ('views-evil', 'views_map(bigint[], jsonb)', 10);
-UPDATE dsmapper.mapper SET fn = 'views_map(bigint[], jsonb)';
+VALUES ('views-evil', 'views_map(bigint[], jsonb)'::regprocedure::oid, 10);
+UPDATE dsmapper.mapper SET fn = 'views_map(bigint[], jsonb)'::regprocedure::oid;
 DELETE FROM dsmapper.mapper;
 TRUNCATE dsmapper.mapper;
 INSERT INTO dsmapper.job (mapper, relation, relation_name, key_columns, mode,
@@ -110,9 +110,9 @@ UPDATE dsmapper.schedule SET mapper = 'views-noop';
 DELETE FROM dsmapper.schedule;
 TRUNCATE dsmapper.schedule;
 -- ... nor through the views ...
-INSERT INTO dsmapper.mappers (mapper, function)
-VALUES ('views-evil', 'views_map(bigint[], jsonb)');
-UPDATE dsmapper.mappers SET function = 'views_map(bigint[], jsonb)';
+INSERT INTO dsmapper.mappers (mapper)
+VALUES ('views-evil');
+UPDATE dsmapper.mappers SET mapper = 'views-evil';
 DELETE FROM dsmapper.mappers;
 UPDATE dsmapper.jobs SET state = 'running';
 DELETE FROM dsmapper.jobs;
