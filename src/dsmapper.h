@@ -91,6 +91,7 @@ typedef struct DsmDatabase
 	uint64		generation;		/* bumped whenever new work is committed */
 	bool		probe;			/* start one worker to look for work */
 	bool		starving;		/* new work waits for a busy worker's turn */
+	TimestampTz purge_at;		/* next finished job due for removal, or 0 */
 } DsmDatabase;
 
 typedef struct DsmShared
@@ -200,6 +201,9 @@ extern void dsm_enter_internal(DsmIdentity *id);
 extern void dsm_enter_owner(DsmIdentity *id, Oid owner, const char *search_path);
 extern Oid	dsm_session_runner;
 extern uint64 dsm_database_generation(Oid dboid);
+extern void dsm_schedule_purge(Oid dboid, TimestampTz at);
+extern bool dsm_purge_due(Oid dboid, TimestampTz *at);
+extern void dsm_purge_history(void);
 extern void dsm_leave(DsmIdentity *id);
 extern Oid	dsm_extension_owner(void);
 extern Oid	dsm_extension_schema(void);

@@ -157,6 +157,49 @@ reap_workers(void)
 	}
 }
 
+/*
+ * probe_for_purges starts a probe in every database without a live worker
+ * whose finished jobs are due for removal (a worker removes them when it
+ * claims work; a database with live workers has them do it).  Returns the
+ * milliseconds until the next removal is due, or -1 when none is known.
+ */
+static long
+probe_for_purges(void)
+{
+	TimestampTz now = GetCurrentTimestamp();
+	long		next_ms = -1;
+
+	LWLockAcquire(dsm_shared->lock, LW_EXCLUSIVE);
+	for (int i = 0; i < DSM_MAX_DATABASES; i++)
+	{
+		DsmDatabase *db = &dsm_shared->databases[i];
+		bool		live = false;
+
+		if (db->dboid == InvalidOid || db->purge_at == 0)
+			continue;
+		for (int s = 0; s < dsm_shared->nslots && !live; s++)
+			if (dsm_shared->slots[s].dboid == db->dboid &&
+				dsm_shared->slots[s].state != DSM_SLOT_FREE &&
+				dsm_shared->slots[s].state != DSM_SLOT_EXITING)
+				live = true;
+		if (live)
+			continue;
+		if (db->purge_at <= now)
+		{
+			db->probe = true;
+			db->purge_at = 0;
+		}
+		else
+		{
+			long		ms = TimestampDifferenceMilliseconds(now, db->purge_at) + 1;
+
+			next_ms = next_ms < 0 ? ms : Min(next_ms, ms);
+		}
+	}
+	LWLockRelease(dsm_shared->lock);
+	return next_ms;
+}
+
 typedef struct StartRequest
 {
 	int			slot;
@@ -348,9 +391,18 @@ dsm_launcher_main(Datum main_arg)
 			probe_all_databases();
 
 		reap_workers();
+		{
+			long		purge_ms = probe_for_purges();
+
+			if (purge_ms >= 0)
+			{
+				timeout = purge_ms;
+				events |= WL_TIMEOUT;
+			}
+		}
 		if (!start_workers())
 		{
-			timeout = 1000;
+			timeout = timeout >= 0 ? Min(timeout, 1000) : 1000;
 			events |= WL_TIMEOUT;
 		}
 

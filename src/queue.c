@@ -184,6 +184,42 @@ dsm_notify_job_state(int64 job_id, const char *state)
 }
 
 /*
+ * dsm_purge_history removes the finished jobs older than
+ * dsmapper.history_retention, with their shards and queue rows, and tells
+ * the workers and the launcher when the next one is due (the earliest
+ * finish plus the retention), so removal happens on time without any
+ * polling.  SPI connected, internal identity.
+ */
+void
+dsm_purge_history(void)
+{
+	Oid			types[1] = {INT8OID};
+	Datum		values[1] = {Int64GetDatum((int64) dsm_history_retention)};
+	bool		found;
+	int64		next_us;
+
+	if (dsm_history_retention <= 0)
+	{
+		dsm_schedule_purge(MyDatabaseId, 0);
+		return;
+	}
+	dsm_spi_exec("DELETE FROM dsmapper.job"
+				 " WHERE state OPERATOR(pg_catalog.=) ANY ('{succeeded,failed,aborted}'::text[])"
+				 " AND finished OPERATOR(pg_catalog.<) (pg_catalog.clock_timestamp()"
+				 " OPERATOR(pg_catalog.-) pg_catalog.make_interval(secs => $1))",
+				 1, types, values, SPI_OK_DELETE);
+
+	/* Microseconds since the PostgreSQL epoch, as TimestampTz counts. */
+	next_us = dsm_spi_int64("SELECT ((extract(epoch FROM min(finished)"
+							" OPERATOR(pg_catalog.+) pg_catalog.make_interval(secs => $1))"
+							" OPERATOR(pg_catalog.-) 946684800) * 1000000)::int8"
+							" FROM dsmapper.job"
+							" WHERE state OPERATOR(pg_catalog.=) ANY ('{succeeded,failed,aborted}'::text[])",
+							1, types, values, &found);
+	dsm_schedule_purge(MyDatabaseId, found ? (TimestampTz) next_us : 0);
+}
+
+/*
  * dsm_set_job_state changes a job's state (the caller has locked the job
  * row) and announces it.  error, when not NULL, replaces the job's error.
  */
@@ -355,21 +391,7 @@ dsm_rollup_job(int64 job_id)
 
 	dsm_set_job_state(job_id, outcome, failed > 0 ? error : NULL);
 
-	/*
-	 * Finished jobs are kept for dsmapper.history_retention; the end of a
-	 * job is when older ones are removed, so an idle system does nothing.
-	 */
-	if (dsm_history_retention > 0)
-	{
-		Oid			rtypes[1] = {INT8OID};
-		Datum		rvalues[1] = {Int64GetDatum((int64) dsm_history_retention)};
-
-		dsm_spi_exec("DELETE FROM dsmapper.job"
-					 " WHERE state OPERATOR(pg_catalog.=) ANY ('{succeeded,failed,aborted}'::text[])"
-					 " AND finished OPERATOR(pg_catalog.<) (pg_catalog.clock_timestamp()"
-					 " OPERATOR(pg_catalog.-) pg_catalog.make_interval(secs => $1))",
-					 1, rtypes, rvalues, SPI_OK_DELETE);
-	}
+	dsm_purge_history();
 
 	ereport(dsm_log_level_jobs,
 			(errmsg("dsmapper job " INT64_FORMAT " in database \"%s\" %s after %.1f s: "

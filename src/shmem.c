@@ -173,6 +173,46 @@ dsm_database_generation(Oid dboid)
 }
 
 /*
+ * dsm_schedule_purge records when the next finished job of a database is
+ * due for removal (0: none).  Any process; a no-op without shared memory.
+ */
+void
+dsm_schedule_purge(Oid dboid, TimestampTz at)
+{
+	DsmDatabase *db;
+
+	if (!dsm_workers_available())
+		return;
+	LWLockAcquire(dsm_shared->lock, LW_EXCLUSIVE);
+	db = dsm_find_database(dboid, true);
+	if (db != NULL)
+		db->purge_at = at;
+	if (at != 0 && dsm_shared->launcher_latch)
+		SetLatch(dsm_shared->launcher_latch);
+	LWLockRelease(dsm_shared->lock);
+}
+
+/*
+ * dsm_purge_due tells whether finished jobs of a database are due for
+ * removal, and when: *at is the due time (0: none known).  Any process.
+ */
+bool
+dsm_purge_due(Oid dboid, TimestampTz *at)
+{
+	DsmDatabase *db;
+
+	*at = 0;
+	if (!dsm_workers_available())
+		return false;
+	LWLockAcquire(dsm_shared->lock, LW_SHARED);
+	db = dsm_find_database(dboid, false);
+	if (db != NULL)
+		*at = db->purge_at;
+	LWLockRelease(dsm_shared->lock);
+	return *at != 0 && *at <= GetCurrentTimestamp();
+}
+
+/*
  * dsm_wake_database tells the workers of a database that new work was
  * committed: it bumps the generation, sets the latch of every idle worker
  * there, and wakes the launcher when the database has no live worker.

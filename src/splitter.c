@@ -36,6 +36,7 @@
 #include "executor/tuptable.h"
 #include "utils/snapmgr.h"
 #include "catalog/pg_class.h"
+#include "catalog/pg_inherits.h"
 #include "executor/spi.h"
 #include "miscadmin.h"
 #include "storage/bufmgr.h"
@@ -368,6 +369,38 @@ split_by_index(DsmJob *job, DsmKey *key, Oid indexoid)
 }
 
 /*
+ * size_up_partitions adds up the blocks and the statistics of the leaf
+ * partitions of a partitioned table, which has no storage of its own.
+ * Partitions without statistics count their blocks only.
+ */
+static void
+size_up_partitions(Oid relid, BlockNumber *nblocks, double *reltuples,
+				   BlockNumber *relpages)
+{
+	List	   *parts = find_all_inheritors(relid, AccessShareLock, NULL);
+	ListCell   *lc;
+
+	*nblocks = 0;
+	*reltuples = 0;
+	*relpages = 0;
+	foreach(lc, parts)
+	{
+		Relation	part;
+
+		if (get_rel_relkind(lfirst_oid(lc)) != RELKIND_RELATION)
+			continue;
+		part = table_open(lfirst_oid(lc), AccessShareLock);
+		*nblocks += RelationGetNumberOfBlocks(part);
+		if (part->rd_rel->reltuples > 0 && part->rd_rel->relpages > 0)
+		{
+			*reltuples += part->rd_rel->reltuples;
+			*relpages += part->rd_rel->relpages;
+		}
+		table_close(part, AccessShareLock);
+	}
+}
+
+/*
  * dsm_split_relation chooses at most job->shards_wanted ranges.  Inside a
  * transaction with SPI connected, under the internal identity; the reads of
  * user data run as the job's owner.  The result lives in the current
@@ -390,6 +423,7 @@ dsm_split_relation(DsmJob *job, DsmKey *key)
 	uint64	   *match;			/* sample rows that match the filter */
 	uint64		nmatch;
 	double		rows_per_match;
+	bool		rls;
 	SPITupleTable *sample;
 	DsmSplit   *split;
 	DsmIdentity owner;
@@ -398,9 +432,14 @@ dsm_split_relation(DsmJob *job, DsmKey *key)
 
 	/* Size up the table without reading it. */
 	rel = table_open(job->relid, AccessShareLock);
-	nblocks = RelationGetNumberOfBlocks(rel);
-	reltuples = rel->rd_rel->reltuples;
-	relpages = rel->rd_rel->relpages;
+	if (rel->rd_rel->relkind == RELKIND_PARTITIONED_TABLE)
+		size_up_partitions(job->relid, &nblocks, &reltuples, &relpages);
+	else
+	{
+		nblocks = RelationGetNumberOfBlocks(rel);
+		reltuples = rel->rd_rel->reltuples;
+		relpages = rel->rd_rel->relpages;
+	}
 
 	/*
 	 * A large plain table without a filter, whose rows the owner may all
@@ -408,9 +447,9 @@ dsm_split_relation(DsmJob *job, DsmKey *key)
 	 * security only a sample of visible rows tells where the mapped rows
 	 * are, and a partitioned table has no single index to read.
 	 */
+	rls = check_enable_rls(job->relid, job->owner, true) == RLS_ENABLED;
 	if (nblocks > DSM_EXACT_MAX_BLOCKS && job->filter == NULL &&
-		rel->rd_rel->relkind == RELKIND_RELATION &&
-		check_enable_rls(job->relid, job->owner, true) != RLS_ENABLED)
+		rel->rd_rel->relkind == RELKIND_RELATION && !rls)
 	{
 		Oid			indexoid = RelationGetPrimaryKeyIndex(rel);
 
@@ -487,13 +526,14 @@ dsm_split_relation(DsmJob *job, DsmKey *key)
 	}
 
 	/*
-	 * Rows of the table that one matching sample row stands for.  Without a
-	 * filter, or without statistics, scale by the nominal fraction; with a
-	 * filter and statistics, by the share of matching rows in the sample.
+	 * Rows of the table that one matching sample row stands for: the
+	 * table's row estimate over the rows sampled, when there are statistics
+	 * and the sample saw every row of its blocks; otherwise (row-level
+	 * security hides some) the nominal sampling fraction.
 	 */
 	if (fraction >= 1.0)
 		rows_per_match = 1.0;
-	else if (job->filter && reltuples > 0 && relpages > 0 && nsample > 0)
+	else if (!rls && reltuples > 0 && relpages > 0 && nsample > 0)
 		rows_per_match = estimated_rows / (double) nsample;
 	else
 		rows_per_match = 1.0 / fraction;

@@ -95,6 +95,7 @@ typedef struct TurnState
 	int64		target_page_ms; /* 0: fixed page size */
 	int			shards_in_turn;
 	bool		stop_turn;		/* end the turn after this page */
+	uint64		generation;		/* the database's, before the page read */
 } TurnState;
 
 /*
@@ -951,7 +952,7 @@ pace_pages(TurnState *ts, int64 rows, long page_ms)
 	{
 		TimestampTz until = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
 														sleep_ms);
-		uint64		generation = dsm_database_generation(MyDatabaseId);
+		uint64		generation = ts->generation;
 
 		/*
 		 * Sleep between pages, outside any transaction.  A pending cancel
@@ -1024,6 +1025,8 @@ run_shard_turn(TurnState *ts, TimestampTz deadline)
 
 		ts->first_key = ts->last_key = NULL;
 		MemoryContextReset(ts->page_cxt);
+		/* News committed from here on ends the pause after this page. */
+		ts->generation = dsm_database_generation(MyDatabaseId);
 		page_begin(ts);
 		PG_TRY();
 		{

@@ -204,8 +204,21 @@ claim_next(DsmTask *task, int *ready_count, TimestampTz *next_ready,
 	{
 		MemoryContext cxt = CurrentMemoryContext;
 
+		static bool purged_once = false;
+		TimestampTz purge_at;
+
 		SPI_connect();
 		dsm_enter_internal(&internal);
+
+		/*
+		 * Old finished jobs go when they are due, and once at the start of
+		 * a worker's life (after a restart nobody knows when they are).
+		 */
+		if (dsm_purge_due(MyDatabaseId, &purge_at) || !purged_once)
+		{
+			dsm_purge_history();
+			purged_once = true;
+		}
 		claimed = dsm_claim_task(task, ready_count, next_ready, InvalidOid);
 		if (claimed)
 		{
@@ -529,6 +542,13 @@ dsm_worker_main(Datum main_arg)
 		if (next_ready != 0)
 			timeout_ms = Min(timeout_ms,
 							 TimestampDifferenceMilliseconds(now, next_ready) + 1);
+		{
+			TimestampTz purge_at;
+
+			if (!dsm_purge_due(dboid, &purge_at) && purge_at != 0)
+				timeout_ms = Min(timeout_ms,
+								 TimestampDifferenceMilliseconds(now, purge_at) + 1);
+		}
 		timeout_ms = Max(timeout_ms, 1);
 		extra.probe = false;
 

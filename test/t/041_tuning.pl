@@ -440,7 +440,7 @@ sub gaps
 		'max_running_shards => -1', 'max_running_shards => 1025',
 		'rows_per_second => -1', q{rows_per_second => 'NaN'},
 		q{rows_per_second => 'Infinity'}, 'rows_per_second => 1e13',
-		q{page_delay => '-1 s'}, q{page_delay => '2 hours'}, q{page_delay => '1 day'},
+		q{page_delay => '-1 s'}, q{page_delay => '61 s'}, q{page_delay => '2 hours'}, q{page_delay => '1 day'},
 		q{target_page_time => '-1 ms'}, q{target_page_time => '1 mon'},
 		q{target_page_time => '61 min'});
 	foreach my $args (@bad)
@@ -460,8 +460,8 @@ sub gaps
 
 	# Limits themselves are accepted.
 	($json) = tune($job, q{page_size => 1000000, max_running_shards => 1024,
-		rows_per_second => 1e12, page_delay => '1 hour', target_page_time => '1 hour'});
-	$check->($json, '1000000,1024,1000000000000,01:00:00,01:00:00', '(f) the largest values are accepted');
+		rows_per_second => 1e12, page_delay => '1 minute', target_page_time => '1 hour'});
+	$check->($json, '1000000,1024,1000000000000,00:01:00,01:00:00', '(f) the largest values are accepted');
 
 	# Zero turns the limits off.
 	($json) = tune($job, q{page_size => 10, max_running_shards => 0, rows_per_second => 0,
@@ -493,6 +493,37 @@ sub gaps
 	is(sql("SELECT dsmapper_tune($job, page_size => 13)->>'page_size'"),
 		'13', '(f) a superuser can tune');
 
+	stop($job);
+}
+
+##
+## (g) A pause between pages ends as soon as the job is paused or retuned:
+## with a 50 s page_delay, a pause settles every shard within seconds, and
+## after a resume a retune to no delay makes pages follow each other again.
+##
+{
+	my $job = launch_log('{"sleep": 0.05}', 'shards => 2, page_size => 10');
+	ok(poll_until($node, "SELECT processed > 0 FROM dsmapper.jobs WHERE job_id = $job", 't', 30),
+		'(g) the job runs');
+	tune($job, q{page_delay => '50 s'});
+	# Wait until both shards sleep after a page under the new delay.
+	my $mark = sql("SELECT count(*) FROM calls WHERE job = $job");
+	ok(poll_until($node, "SELECT count(*) >= $mark + 2 FROM calls WHERE job = $job", 't', 30),
+		'(g) pages ran after the retune');
+	ok(poll_until($node,
+			"SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'dsmapper worker' AND wait_event = 'Extension' AND query ~ '^dsmapper job $job shard'",
+			'2', 30),
+		'(g) both shards sleep between pages');
+	my $t0 = time();
+	sql("SELECT dsmapper_pause($job)");
+	ok(poll_until($node, "SELECT count(*) FROM dsmapper.shards WHERE job_id = $job AND state = 'paused'", '2', 20),
+		'(g) a pause settles the sleeping shards');
+	cmp_ok(elapsed_since($t0), '<', 20, '(g) well before the 50 s delay ends');
+	sql("SELECT dsmapper_resume($job)");
+	my $before = sql("SELECT count(*) FROM calls WHERE job = $job");
+	tune($job, q{page_delay => '0'});
+	ok(poll_until($node, "SELECT count(*) >= $before + 10 FROM calls WHERE job = $job", 't', 20),
+		'(g) after the retune to no delay pages follow each other again');
 	stop($job);
 }
 

@@ -1,11 +1,13 @@
 
 # 045_history.pl: finished jobs are removed after
-# dsmapper.history_retention (when another job finishes), and on demand
-# with dsmapper_forget().
+# dsmapper.history_retention, on a timer that needs no polling, and on
+# demand with dsmapper_forget().
 #
-#  - history_retention = 2 s: job A finishes; more than 2 s later job B
-#    finishes, which removes A with its shards (from the views and the
-#    internal tables); B and an unfinished job C (older than A) remain;
+#  - history_retention = 2 s: job A finishes; about 2 s later it is removed
+#    with its shards (from the views and the internal tables) by the
+#    workers busy with an unfinished job C (older than A), which remains;
+#  - in an idle database (no worker left), job D is removed on time by a
+#    worker the launcher starts for it;
 #  - dsmapper_forget(B) returns true and removes B with its shards;
 #  - dsmapper_forget refuses a running or paused job (55000) and another
 #    role's job (42501); the owner, a member of the owner role and a
@@ -65,7 +67,7 @@ create_counter_table($node, 'slow', 20000);
 create_counter_mapper($node, 'count_slow', 'slow', sleep => 0.05);
 
 # C: an unfinished job, older than A and B.
-my $job_c = launch($node, 'count_slow', 'slow', 'shards => 2, page_size => 10');
+my $job_c = launch($node, 'count_slow', 'slow', "shards => 2, page_size => 10, task_duration => '1 s'");
 ok( poll_until(
 		$node, "SELECT state = 'running' AND processed > 0 FROM dsmapper.jobs WHERE job_id = $job_c",
 		't', 60),
@@ -75,19 +77,17 @@ my $job_a = launch($node, 'count_t', 't', 'shards => 3, page_size => 100');
 is(wait_job($node, $job_a), 'succeeded', 'job A succeeds');
 like(present($job_a), qr/^1\|3\|1\|3\|0$/, 'job A and its 3 shards are kept at first');
 
-# Until A finished more than 2 s ago (by the server's clock).
-ok( poll_until(
-		$node,
-		"SELECT clock_timestamp() - finished > interval '2.5 s' FROM dsmapper.jobs WHERE job_id = $job_a",
-		't', 30),
-	'job A finished more than 2 s ago');
-is(present($job_a), '1|3|1|3|0', 'job A stays while no other job finishes (no timer)');
+my $a_finished = sql("SELECT extract(epoch FROM finished) FROM dsmapper.job WHERE job_id = $job_a");
+# The busy workers of job C remove it at their next claim (C's turns last
+# a second), though no other job finishes.
+ok(poll_until($node, "SELECT count(*) FROM dsmapper.job WHERE job_id = $job_a", '0', 30),
+	'job A is removed on time while job C keeps the workers busy');
+cmp_ok(sql("SELECT extract(epoch FROM clock_timestamp()) - $a_finished"), '>=', 2,
+	'but not before the 2 s retention had passed');
+is(present($job_a), '0|0|0|0|0', 'job A and its shards are gone from the views and the tables');
 
 my $job_b = launch($node, 'count_t', 't', 'shards => 2, page_size => 100');
 is(wait_job($node, $job_b), 'succeeded', 'job B succeeds');
-ok(poll_until($node, "SELECT count(*) FROM dsmapper.job WHERE job_id = $job_a", '0', 30),
-	'job A is removed once job B finished');
-is(present($job_a), '0|0|0|0|0', 'job A and its shards are gone from the views and the tables');
 is(present($job_b), '1|2|1|2|0', 'job B and its shards remain');
 like(present($job_c), qr/^1\|2\|1\|2\|\d$/, 'the unfinished job C remains, though it is older');
 
@@ -107,6 +107,21 @@ like(present($job_c), qr/^1\|2\|1\|2\|/, 'the refused job C is still there');
 is(sql("SELECT dsmapper_abort($job_c)"), 'aborted', 'job C is aborted');
 is(sql("SELECT dsmapper_forget($job_c)"), 't', 'dsmapper_forget removes the aborted job C');
 is(present($job_c), '0|0|0|0|0', 'job C and its shards are gone');
+
+# An idle database: when job D is due for removal no worker lives there any
+# more, and the launcher starts one for it at that time.
+sql("ALTER SYSTEM SET dsmapper.worker_idle_timeout = 1");
+$node->reload;
+ok(poll_until($node, 'SHOW dsmapper.worker_idle_timeout', '1s', 30), 'worker_idle_timeout is 1s');
+my $job_d = launch($node, 'count_t', 't', 'shards => 1, page_size => 1000');
+is(wait_job($node, $job_d), 'succeeded', 'job D succeeds');
+ok(poll_until($node, "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'dsmapper worker'", '0', 30),
+	'then no worker is left');
+is(present($job_d), '1|1|1|1|0', 'job D is kept at first');
+ok(poll_until($node, "SELECT count(*) FROM dsmapper.job WHERE job_id = $job_d", '0', 30),
+	'job D is removed on time in the idle database');
+sql("ALTER SYSTEM RESET dsmapper.worker_idle_timeout");
+$node->reload;
 
 # Other roles.  Retention 0 keeps finished jobs for good, so that the jobs
 # below stay until they are forgotten.

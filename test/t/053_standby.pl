@@ -8,6 +8,8 @@
 #    is over), nothing fails in its log, dsmapper.jobs is readable and
 #    mirrors the primary, and dsmapper_launch fails as a read-only
 #    transaction (25006);
+#  - with a job of the primary queued, dsmapper_run() on the standby
+#    returns 0 at once, without an error in the result or the log;
 #  - a slow job running on the primary when the primary dies (immediate
 #    stop) continues on the promoted standby from the replicated
 #    checkpoints and succeeds, every row mapped exactly once: after
@@ -112,6 +114,36 @@ my $replicated = $standby->safe_psql('postgres',
 	"SELECT processed FROM dsmapper.jobs WHERE job_id = $job");
 cmp_ok($replicated, '>', 0, "the standby has seen progress ($replicated rows)");
 cmp_ok($replicated, '<', 5000, '  but not the end');
+
+# dsmapper_run on the hot standby, with the primary's job queued there: it
+# runs nothing and returns 0 at once, without an error.
+cmp_ok($standby->safe_psql('postgres', "SELECT count(*) FROM dsmapper.queue WHERE job_id = $job"),
+	'>', 0, 'the standby sees queued work of the running job');
+{
+	my $pos = log_position($standby);
+	my ($out, $err) = ('', '');
+	my $rc = $standby->psql('postgres', "SELECT dsmapper_run('1 s')",
+		stdout => \$out, stderr => \$err);
+	is($rc, 0, "dsmapper_run('1 s') on the standby succeeds") or diag($err);
+	is($out, '0', '  and returns 0');
+	is($err, '', '  without an error, warning or notice');
+
+	# A long max_duration shows that it does not wait for work.
+	($out, $err) = ('', '');
+	my $t0 = Time::HiRes::time();
+	$rc = $standby->psql('postgres', "SELECT dsmapper_run('30 s')",
+		stdout => \$out, stderr => \$err);
+	my $secs = Time::HiRes::time() - $t0;
+	is("$rc|$out", '0|0', "dsmapper_run('30 s') on the standby returns 0 as well") or diag($err);
+	cmp_ok($secs, '<', 5, sprintf('  at once (%.2f s)', $secs));
+
+	is($standby->safe_psql('postgres', 'SELECT pg_is_in_recovery()'), 't',
+		'  the standby is still in recovery');
+	my $run_log = log_since($standby, $pos);
+	unlike($run_log, qr/ERROR|FATAL|PANIC|terminated by signal/,
+		'  the standby log shows no error from dsmapper_run')
+	  or diag($run_log);
+}
 
 $primary->stop('immediate');
 $standby->promote;
