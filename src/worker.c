@@ -280,7 +280,7 @@ clear_in_turn(int64 job_id, int32 shard)
 void
 dsm_worker_main(Datum main_arg)
 {
-	DsmWorkerExtra extra;
+	static DsmWorkerExtra extra;	/* static: changed after sigsetjmp */
 	DsmWorkerSlot *volatile slot;
 	DsmDatabase *db;
 	Oid			dboid;

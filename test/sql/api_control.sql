@@ -68,33 +68,58 @@ SELECT job_id, shard, state, processed, expected, resume_from, attempts,
 -- Arguments: unknown job ids, NULLs, bad timeouts and durations.
 --
 SELECT dsmapper_abort(0);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_pause(0);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_resume(0);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_retry(0);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_wait(0);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_wait(-1, '1 s');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_abort(9223372036854775807);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_wait(job => 9223372036854775807, timeout => '0');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 
 SELECT dsmapper_abort(NULL);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_pause(NULL);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_resume(NULL);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_retry(NULL);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_wait(NULL);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_wait(NULL, '1 s');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 
 CALL dsmapper_await(0);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 CALL dsmapper_await(NULL);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 CALL dsmapper_await(0, '-1 s');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_wait(0, '-1 s');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_wait(0, '-1 microsecond');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_wait(0, '1 day -25 hours');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 
 SELECT dsmapper_run(NULL);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_run('0');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_run('-1 s');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_run('1 month');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_run(max_duration => interval '1 day' - interval '24 hours');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 -- days count as 24 hours
 SELECT dsmapper_run(max_duration => interval '1 day' - interval '86399 s') >= 0 AS ok;
 
@@ -105,22 +130,28 @@ SELECT dsmapper_current_job() IS NULL AS no_job,
 -- dsmapper_wait() and dsmapper_run() must see other sessions' commits.
 BEGIN ISOLATION LEVEL REPEATABLE READ;
 SELECT dsmapper_wait(0, '1 s');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 ROLLBACK;
 BEGIN ISOLATION LEVEL SERIALIZABLE;
 SELECT dsmapper_wait(0);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 ROLLBACK;
 BEGIN ISOLATION LEVEL REPEATABLE READ;
 SELECT dsmapper_run('1 s');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 ROLLBACK;
 BEGIN ISOLATION LEVEL SERIALIZABLE;
 SELECT dsmapper_run();
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 ROLLBACK;
 BEGIN ISOLATION LEVEL REPEATABLE READ;
 CALL dsmapper_await(0, '1 s');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 ROLLBACK;
 -- (still fine in READ COMMITTED: an unknown job is the only error)
 BEGIN ISOLATION LEVEL READ COMMITTED;
 SELECT dsmapper_wait(0, '1 s');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 ROLLBACK;
 
 --
@@ -135,6 +166,7 @@ SELECT dsmapper_pause(:job);
 ROLLBACK;
 -- (the rolled back job is gone; job ids are not reused)
 SELECT dsmapper_pause(:job);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 
 BEGIN;
 SELECT dsmapper_launch('ctl', 'ct', page_size => 5) AS job \gset
@@ -157,8 +189,11 @@ SELECT sum(v) AS mapped, min(v), max(v) FROM ct;
 -- A finished job cannot be paused, resumed or retried; abort and wait
 -- simply report its state.
 SELECT dsmapper_pause(:job);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_resume(:job);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_retry(:job);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_abort(:job);
 SELECT dsmapper_wait(:job);
 SELECT dsmapper_wait(:job, '0');
@@ -176,11 +211,13 @@ SELECT state FROM dsmapper.jobs WHERE job_id = :job;
 -- resuming or pausing a running job is allowed; retrying it is not
 SELECT dsmapper_resume(:job);
 SELECT dsmapper_retry(:job);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_wait(:job, '100 ms');
 SELECT dsmapper_pause(:job);
 SELECT dsmapper_pause(:job);
 SELECT dsmapper_wait(:job, '100 ms');
 SELECT dsmapper_retry(:job);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 -- The page under way completes; then the shard stops and keeps its place.
 SELECT pg_advisory_unlock(727272);
 SELECT ctl_await(format('NOT EXISTS (SELECT 1 FROM dsmapper.shards
@@ -218,7 +255,9 @@ SELECT shard, state, processed, resume_from, attempts, error, error_sqlstate,
   FROM ctl_shards WHERE job_id = :job ORDER BY shard;
 SELECT v, count(*) FROM ct GROUP BY v ORDER BY v;
 SELECT dsmapper_pause(:job);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_resume(:job);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_abort(:job);
 DELETE FROM ct_poison;
 SELECT dsmapper_retry(:job);
@@ -230,6 +269,7 @@ SELECT shard, state, processed, resume_from, attempts, error, error_sqlstate,
   FROM ctl_shards WHERE job_id = :job ORDER BY shard;
 SELECT v, count(*) FROM ct GROUP BY v ORDER BY v;
 SELECT dsmapper_retry(:job);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 
 --
 -- Job 5: aborted while starting: at once.  Retry starts it over.
@@ -245,7 +285,9 @@ SELECT dsmapper_wait(:job);
 SELECT state, shards, processed, finished IS NOT NULL AS finished
   FROM dsmapper.jobs WHERE job_id = :job;
 SELECT dsmapper_pause(:job);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_resume(:job);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_retry(:job);
 SELECT dsmapper_wait(:job, '60 s');
 SELECT state, shards, processed FROM dsmapper.jobs WHERE job_id = :job;
@@ -267,15 +309,19 @@ SELECT dsmapper_abort(:job);
 SELECT dsmapper_abort(:job);
 SAVEPOINT s;
 SELECT dsmapper_pause(:job);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 ROLLBACK TO s;
 SELECT dsmapper_retry(:job);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 ROLLBACK TO s;
 -- Resuming an aborting job must be refused like pausing it.  (This call
 -- used to crash the server: errhint(NULL) in dsmapper_resume.)
 SELECT dsmapper_resume(:job);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 ROLLBACK TO s;
 -- (the abort is not committed yet, so waiting makes no sense)
 SELECT dsmapper_wait(:job, '100 ms');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 ROLLBACK TO s;
 SELECT state FROM dsmapper.jobs WHERE job_id = :job;
 COMMIT;
@@ -289,7 +335,9 @@ SELECT (SELECT waiting FROM ctl_blocked) AS still_waiting;
 SELECT v, count(*) FROM ct GROUP BY v ORDER BY v;
 SELECT pg_advisory_unlock(727272);
 SELECT dsmapper_pause(:job);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_resume(:job);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_abort(:job);
 SELECT dsmapper_retry(:job);
 SELECT dsmapper_wait(:job, '60 s');
@@ -304,6 +352,7 @@ SELECT v, count(*) FROM ct GROUP BY v ORDER BY v;
 -- (workers start at commit, so it would wait for nothing).
 --
 SELECT dsmapper_wait(dsmapper_launch('ctl', 'ct', page_size => 5), '200 ms');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 -- (the failed statement took the launch with it)
 SELECT count(*) AS jobs_after_6 FROM dsmapper.jobs WHERE job_id > :job;
 
@@ -315,10 +364,15 @@ SET ROLE regress_dsm_stranger;
 SELECT count(*) AS jobs_visible FROM dsmapper.jobs;
 SELECT count(*) AS shards_visible FROM dsmapper.shards;
 SELECT dsmapper_abort(:job);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_pause(:job);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_resume(:job);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_retry(:job);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_wait(:job, '0');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 RESET ROLE;
 -- pg_read_all_stats may see and wait, not steer.
 GRANT pg_read_all_stats TO regress_dsm_stranger;
@@ -326,6 +380,7 @@ SET ROLE regress_dsm_stranger;
 SELECT count(*) > 0 AS jobs_visible FROM dsmapper.jobs;
 SELECT dsmapper_wait(:job, '0');
 SELECT dsmapper_abort(:job);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 RESET ROLE;
 DROP ROLE regress_dsm_stranger;
 

@@ -77,72 +77,123 @@ SELECT count(*) AS jobs_before FROM dsmapper.jobs \gset
 
 -- Unknown mapper.
 SELECT dsmapper_launch('launch-no-such-mapper', 'lt');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_launch('', 'lt');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 -- A mapper whose function was dropped.
 SELECT dsmapper_launch('launch-dropped', 'lt');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 
 -- NULL for every argument that has no NULL meaning.
 SELECT dsmapper_launch(NULL, 'lt');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_launch('launch-ids', NULL);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_launch('launch-ids', 'lt', params => NULL);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_launch('launch-ids', 'lt', shards => NULL);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_launch('launch-ids', 'lt', page_size => NULL);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_launch('launch-ids', 'lt', pages_per_task => NULL);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_launch('launch-ids', 'lt', task_duration => NULL);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_launch('launch-ids', 'lt', track_progress => NULL);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_launch('launch-ids', 'lt', max_attempts => NULL);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 
 -- Out of range numbers.
 SELECT dsmapper_launch('launch-ids', 'lt', shards => 0);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_launch('launch-ids', 'lt', shards => -1);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_launch('launch-ids', 'lt', shards => 1025);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_launch('launch-ids', 'lt', page_size => 0);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_launch('launch-ids', 'lt', page_size => -5);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_launch('launch-ids', 'lt', page_size => 1000001);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_launch('launch-ids', 'lt', pages_per_task => -1);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_launch('launch-ids', 'lt', max_attempts => 0);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_launch('launch-ids', 'lt', max_attempts => 1001);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 
 -- task_duration must be positive and at most a day, without months.
 SELECT dsmapper_launch('launch-ids', 'lt', task_duration => '0');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_launch('launch-ids', 'lt', task_duration => '-1 s');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_launch('launch-ids', 'lt', task_duration => '1 month');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_launch('launch-ids', 'lt', task_duration => '1 month -29 days');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_launch('launch-ids', 'lt', task_duration => '24 hours 1 second');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_launch('launch-ids', 'lt', task_duration => '2 days');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 -- Past one day is too long, however it is written.
 SELECT dsmapper_launch('launch-ids', 'lt', task_duration => '1 day 1 second');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 
 -- Relations that cannot be mapped.
 SELECT dsmapper_launch('launch-ids', 'lt_nopk');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_launch('launch-ids', 'lt_view');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_launch('launch-ids', 'lt_matview');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_launch('launch-ids', 'lt_seq');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_launch('launch-ids', 'lt_pkey');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_launch('launch-ids', 'lt_no_such_table');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 CREATE TEMPORARY TABLE lt_temp (id bigint PRIMARY KEY);
 SELECT dsmapper_launch('launch-ids', 'lt_temp');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 DROP TABLE lt_temp;
 
 -- Mappers that do not fit the table.
 SELECT dsmapper_launch('launch-ids', 'lt_comp');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_launch('launch-text', 'lt');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_launch('launch-ids', 'lt_int');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_launch('launch-rows', 'lt');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 
 -- Filters.
 SELECT dsmapper_launch('launch-ids', 'lt', filter => 'v >');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_launch('launch-ids', 'lt', filter => 'no_such_column = 1');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_launch('launch-ids', 'lt', filter => 'v + 1');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_launch('launch-ids', 'lt', filter => 'note');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_launch('launch-ids', 'lt', filter => 'count(*) > 0');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_launch('launch-ids', 'lt', filter => 'true; DROP TABLE lt');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_launch('launch-ids', 'lt', filter => 'true) UNION SELECT 1 --');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_launch('launch-ids', 'lt', filter => 'true) UNION (SELECT true');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_launch('launch-ids', 'lt', filter => 'true /* open comment');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_launch('launch-ids', 'lt', filter => 'true AS x');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_launch('launch-ids', 'lt', filter => '');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_launch('launch-ids', 'lt', filter => E'  \n\t ');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 
 -- Permissions: SELECT on the table and EXECUTE on the function.
 CREATE ROLE regress_dsm_launcher;
@@ -152,10 +203,12 @@ SELECT dsmapper_register('launch-private', 'launch_map_private(bigint[], jsonb)'
 REVOKE EXECUTE ON FUNCTION launch_map_private(bigint[], jsonb) FROM PUBLIC;
 SET ROLE regress_dsm_launcher;
 SELECT dsmapper_launch('launch-ids', 'lt');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 RESET ROLE;
 GRANT SELECT ON lt TO regress_dsm_launcher;
 SET ROLE regress_dsm_launcher;
 SELECT dsmapper_launch('launch-private', 'lt');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 RESET ROLE;
 
 -- Nothing was stored, no job id was drawn, nothing was queued.
@@ -195,6 +248,7 @@ ROLLBACK;
 -- This filter would close the parenthesis that the queries put around it
 -- and OR itself out of the shard's key range: refused.
 SELECT dsmapper_launch('launch-ids', 'lt', filter => 'v > 0) OR (true');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 
 -- A successful launch with every argument named.
 BEGIN;

@@ -19,16 +19,27 @@ SELECT dsmapper_wait(:job, '60 s');
 
 -- dsmapper_tune: NULL job, unknown job, values out of range.
 SELECT dsmapper_tune(NULL);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_tune(-1, page_size => 10);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_tune(:job, page_size => 0);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_tune(:job, page_size => 1000001);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_tune(:job, max_running_shards => -1);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_tune(:job, max_running_shards => 1025);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_tune(:job, rows_per_second => -5);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_tune(:job, rows_per_second => 'NaN');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_tune(:job, page_delay => '-1 s');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_tune(:job, page_delay => '2 hours');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_tune(:job, target_page_time => '1 month');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 -- Nothing changed.
 SELECT page_size, max_running_shards, rows_per_second, page_delay, target_page_time
   FROM dsmapper.jobs WHERE job_id = :job;
@@ -43,7 +54,9 @@ SELECT dsmapper_tune(:job);
 
 -- dsmapper_forget: NULL, unknown, then a finished job.
 SELECT dsmapper_forget(NULL);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_forget(-1);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_forget(:job);
 SELECT count(*) FROM dsmapper.jobs WHERE job_id = :job;
 SELECT count(*) FROM dsmapper.shards WHERE job_id = :job;
@@ -51,13 +64,21 @@ SELECT count(*) FROM dsmapper.shards WHERE job_id = :job;
 
 -- Scheduling needs pg_cron, which this instance does not have.
 SELECT dsmapper_schedule('nightly', '0 3 * * *', 'tune-map', 'tn');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_schedule(NULL, '0 3 * * *', 'tune-map', 'tn');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_schedule('nightly', NULL, 'tune-map', 'tn');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_schedule('', '0 3 * * *', 'tune-map', 'tn');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_unschedule(NULL);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_unschedule('nightly');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_launch_scheduled(NULL);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_launch_scheduled('nightly');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT count(*) FROM dsmapper.schedules;
 
 -- Another role may neither tune nor forget someone else's job.

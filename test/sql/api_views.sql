@@ -80,47 +80,80 @@ SELECT dsmapper_wait(:job, '60 s');
 CREATE ROLE regress_dsm_plain;
 SET ROLE regress_dsm_plain;
 SELECT count(*) FROM dsmapper.job;
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT count(*) FROM dsmapper.shard;
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT count(*) FROM dsmapper.queue;
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT count(*) FROM dsmapper.mapper;
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 INSERT INTO dsmapper.mapper (mapper, fn, owner)
 VALUES ('views-evil', 'views_map(bigint[], jsonb)'::regprocedure::oid, 10);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 UPDATE dsmapper.mapper SET fn = 'views_map(bigint[], jsonb)'::regprocedure::oid;
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 DELETE FROM dsmapper.mapper;
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 TRUNCATE dsmapper.mapper;
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 INSERT INTO dsmapper.job (mapper, relation, relation_name, key_columns, mode,
                           params, shards_wanted, page_size, pages_per_task,
                           task_duration, track_progress, max_attempts, owner,
                           search_path)
 VALUES ('views-noop', 'vt'::regclass, 'vt', '{id}', 'keys', '{}', 1, 1, 0,
         '1 s', true, 1, 10, 'public');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 UPDATE dsmapper.job SET state = 'running';
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 DELETE FROM dsmapper.job;
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 TRUNCATE dsmapper.job;
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 INSERT INTO dsmapper.shard (job_id, shard) VALUES (:job, 99);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 UPDATE dsmapper.shard SET state = 'failed';
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 DELETE FROM dsmapper.shard;
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 TRUNCATE dsmapper.shard;
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 INSERT INTO dsmapper.queue (job_id, shard) VALUES (:job, 0);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 UPDATE dsmapper.queue SET ready_at = now();
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 DELETE FROM dsmapper.queue;
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 TRUNCATE dsmapper.queue;
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 INSERT INTO dsmapper.schedule DEFAULT VALUES;
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 UPDATE dsmapper.schedule SET mapper = 'views-noop';
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 DELETE FROM dsmapper.schedule;
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 TRUNCATE dsmapper.schedule;
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 -- ... nor through the views ...
 INSERT INTO dsmapper.mappers (mapper)
 VALUES ('views-evil');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 UPDATE dsmapper.mappers SET mapper = 'views-evil';
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 DELETE FROM dsmapper.mappers;
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 UPDATE dsmapper.jobs SET state = 'running';
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 DELETE FROM dsmapper.jobs;
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 DELETE FROM dsmapper.shards;
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 DELETE FROM dsmapper.schedules;
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 -- ... nor add objects to schema dsmapper.
 CREATE TABLE dsmapper.evil (id int);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 CREATE FUNCTION dsmapper.evil() RETURNS int LANGUAGE sql AS 'SELECT 1';
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 -- The views are readable: mappers in full, jobs and shards filtered to the
 -- role's own jobs (it has none).
 SELECT mapper, function FROM dsmapper.mappers WHERE mapper LIKE 'views-%';
