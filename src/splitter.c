@@ -478,8 +478,8 @@ dsm_split_relation(DsmJob *job, DsmKey *key)
 	if (nblocks <= DSM_EXACT_MAX_BLOCKS)
 	{
 		fraction = 1.0;
-		sql = psprintf("SELECT %s, true FROM %s%s%s%s ORDER BY %s",
-					   keys, dsm_quoted_relation_name(job->relid),
+		sql = psprintf("SELECT %s, true FROM %s AS %s%s%s%s ORDER BY %s",
+					   keys, dsm_quoted_relation_name(job->relid), key->alias,
 					   job->filter ? " WHERE (" : "",
 					   job->filter ? job->filter : "",
 					   job->filter ? "\n)" : "",
@@ -496,12 +496,13 @@ dsm_split_relation(DsmJob *job, DsmKey *key)
 			target *= 2;
 		percent = Min(100.0, 100.0 * target / Max(estimated_rows, 1.0));
 		fraction = percent / 100.0;
-		sql = psprintf("SELECT %s, %s%s%s FROM %s TABLESAMPLE SYSTEM (%.6f) ORDER BY %s",
+		sql = psprintf("SELECT %s, %s%s%s FROM %s AS %s TABLESAMPLE SYSTEM (%.6f) ORDER BY %s",
 					   keys,
 					   job->filter ? "coalesce((" : "true",
 					   job->filter ? job->filter : "",
 					   job->filter ? "\n), false)" : "",
-					   dsm_quoted_relation_name(job->relid), percent, order);
+					   dsm_quoted_relation_name(job->relid), key->alias,
+					   percent, order);
 	}
 
 	dsm_enter_owner(&owner, job->owner, job->search_path);

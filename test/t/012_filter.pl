@@ -190,5 +190,15 @@ cmp_ok(abs($b->{expected} - 50000), '<=', 5000, 'large table: expected within 10
 	  or diag(join("\n", @problems));
 }
 
+# A filter may name the table by the alias that launch and pages use; the
+# split (sampled on f_big, read whole on f_small) uses it too.
+foreach my $t ('f_small', 'f_big')
+{
+	$job = launch($node, "map_$t", $t,
+		q{shards => 4, page_size => 1000, filter => '__dsmapper_row.n % 7 = 0'});
+	is(wait_job($node, $job, timeout => '60 s'), 'succeeded',
+		"$t: a filter naming the table alias works through split and pages");
+}
+
 $node->stop;
 done_testing();
