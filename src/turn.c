@@ -24,10 +24,12 @@
 
 #include "access/table.h"
 #include "access/xact.h"
+#include "catalog/pg_class.h"
 #include "catalog/pg_proc.h"
 #include "catalog/pg_type.h"
 #include "commands/dbcommands.h"
 #include "common/pg_prng.h"
+#include "executor/executor.h"
 #include "executor/spi.h"
 #include "miscadmin.h"
 #include "parser/parse_coerce.h"
@@ -84,6 +86,7 @@ typedef struct TurnState
 	char	   *last_key;
 	MemoryContext page_cxt;		/* reset before every page */
 	SPIPlanPtr	plans[TURN_PLANS];	/* prepared once per turn */
+	int			page_plan_options;	/* cursor options of the page query */
 
 	/* Tuning, read again before every page (dsmapper_tune). */
 	int32		running_slot;	/* our max_running_shards slot, or -1 */
@@ -490,6 +493,17 @@ resolve_mapper(TurnState *ts)
 						job->mapper, job->rows_mode ? "rows" : "keys",
 						job->relation_name)));
 	}
+
+	/*
+	 * Without a filter the page query has one good plan, an ordered scan of
+	 * the primary key index, whatever the bounds: plan it once per turn
+	 * instead of once per page.  A filter may make the bounds matter (an
+	 * index of its own, a selective range), so it keeps custom plans, and
+	 * so does a partitioned table, whose plans prune by the bounds.
+	 */
+	ts->page_plan_options =
+		job->filter == NULL && rel->rd_rel->relkind != RELKIND_PARTITIONED_TABLE ?
+		CURSOR_OPT_GENERIC_PLAN : 0;
 	table_close(rel, AccessShareLock);
 
 	/* The owner may still read the table and call the function. */
@@ -546,19 +560,90 @@ bound_params(TurnState *ts, StringInfo buf, const char *op, List *strings,
 }
 
 /*
- * row_key_strings returns the key of a page row as text, one element per
- * column.  Internal identity.
+ * A page of keys (or rows) collected straight from the executor into the
+ * array the mapper receives, without materializing an SPI tuple table.
+ */
+typedef struct PageReceiver
+{
+	DestReceiver pub;
+	TurnState  *ts;
+	MemoryContext cxt;			/* where the values are copied to */
+	int			column;			/* the attribute passed to the mapper */
+	Datum	   *elems;
+	int			nelems;
+	int			capacity;
+} PageReceiver;
+
+/*
+ * page_receiver_startup checks that the page's mapper column fits the
+ * mapper's array element type.
+ */
+static void
+page_receiver_startup(DestReceiver *self, int operation, TupleDesc desc)
+{
+	PageReceiver *r = (PageReceiver *) self;
+	Oid			type = TupleDescAttr(desc, r->column - 1)->atttypid;
+
+	if (!IsBinaryCoercible(type, r->ts->elem_type))
+		elog(ERROR, "dsmapper: page column of type %s does not fit the mapper's %s[]",
+			 format_type_be(type), format_type_be(r->ts->elem_type));
+}
+
+/*
+ * page_receiver_receive copies one row's mapper value into the page.
+ */
+static bool
+page_receiver_receive(TupleTableSlot *slot, DestReceiver *self)
+{
+	PageReceiver *r = (PageReceiver *) self;
+	TurnState  *ts = r->ts;
+	MemoryContext old;
+	bool		isnull;
+	Datum		d = slot_getattr(slot, r->column, &isnull);
+
+	if (isnull)
+		elog(ERROR, "dsmapper: page row without a key");
+	old = MemoryContextSwitchTo(r->cxt);
+	if (r->nelems == r->capacity)
+	{
+		r->capacity *= 2;
+		r->elems = repalloc(r->elems, sizeof(Datum) * r->capacity);
+	}
+	r->elems[r->nelems++] = datumCopy(d, ts->elem_byval, ts->elem_len);
+	MemoryContextSwitchTo(old);
+	return true;
+}
+
+static void
+page_receiver_shutdown(DestReceiver *self)
+{
+}
+
+static void
+page_receiver_destroy(DestReceiver *self)
+{
+}
+
+/*
+ * page_key_strings returns the key of the page's i-th row as text, one
+ * element per column: the value itself in keys mode, the key columns of
+ * the row in rows mode.  Internal identity.
  */
 static List *
-row_key_strings(TurnState *ts, HeapTuple tuple, TupleDesc desc)
+page_key_strings(TurnState *ts, PageReceiver *page, int i)
 {
 	List	   *result = NIL;
 
 	for (int c = 0; c < ts->key->natts; c++)
 	{
-		bool		isnull;
-		Datum		d = SPI_getbinval(tuple, desc, c + 1, &isnull);
+		bool		isnull = false;
+		Datum		d = page->elems[i];
 
+		if (ts->job->rows_mode)
+			d = GetAttributeByNum(DatumGetHeapTupleHeader(d),
+								  ts->key->attnums[c], &isnull);
+		if (isnull)
+			elog(ERROR, "dsmapper: page row without a key");
 		result = lappend(result, OidOutputFunctionCall(ts->key->output_funcs[c], d));
 	}
 	return result;
@@ -570,11 +655,12 @@ row_key_strings(TurnState *ts, HeapTuple tuple, TupleDesc desc)
  * transactions; the plan cache replans them when the catalog changes.
  */
 static SPIPlanPtr
-turn_plan(TurnState *ts, int which, const char *sql, int nargs, Oid *types)
+turn_plan(TurnState *ts, int which, const char *sql, int nargs, Oid *types,
+		  int cursor_options)
 {
 	if (ts->plans[which] == NULL)
 	{
-		SPIPlanPtr	plan = SPI_prepare(sql, nargs, types);
+		SPIPlanPtr	plan = SPI_prepare_cursor(sql, nargs, types, cursor_options);
 
 		if (plan == NULL)
 			elog(ERROR, "dsmapper: could not prepare \"%s\": %s", sql,
@@ -620,7 +706,9 @@ map_page(TurnState *ts, bool *done)
 	char	   *state;
 	int			rc;
 	uint64		n;
-	SPITupleTable *page;
+	PageReceiver page;
+	ParamListInfo params;
+	SPIExecuteOptions options;
 	List	   *last = NIL;
 
 	/* 1. Is the job still running, and how is it tuned now? */
@@ -636,7 +724,7 @@ map_page(TurnState *ts, bool *done)
 									"   WHERE m.mapper OPERATOR(pg_catalog.=) j.mapper)"
 									" FROM dsmapper.job j"
 									" WHERE j.job_id OPERATOR(pg_catalog.=) $1",
-									1, jtypes),
+									1, jtypes, 0),
 						  jvalues, NULL, false, 0);
 	if (rc != SPI_OK_SELECT || SPI_processed != 1)
 	{
@@ -703,30 +791,55 @@ map_page(TurnState *ts, bool *done)
 	appendStringInfo(&sql, " ORDER BY %s LIMIT $%d",
 					 dsm_key_order_sql(ts->key, ts->key->alias), nargs);
 
+	/* The page goes straight from the executor into the mapper's array. */
+	page.pub.receiveSlot = page_receiver_receive;
+	page.pub.rStartup = page_receiver_startup;
+	page.pub.rShutdown = page_receiver_shutdown;
+	page.pub.rDestroy = page_receiver_destroy;
+	page.pub.mydest = DestNone;
+	page.ts = ts;
+	page.cxt = CurrentMemoryContext;
+	page.column = job->rows_mode ? ts->key->natts + 1 : 1;
+	page.nelems = 0;
+	page.capacity = Min(Max(ts->page_limit, 1), 1024);
+	page.elems = palloc(sizeof(Datum) * page.capacity);
+
+	params = makeParamList(nargs);
+	for (int i = 0; i < nargs; i++)
+	{
+		params->params[i].value = values[i];
+		params->params[i].isnull = false;
+		params->params[i].pflags = PARAM_FLAG_CONST;
+		params->params[i].ptype = types[i];
+	}
+	memset(&options, 0, sizeof(options));
+	options.params = params;
+	options.dest = (DestReceiver *) &page;
+
 	dsm_enter_owner(&owner, job->owner, job->search_path);
-	rc = SPI_execute_plan(turn_plan(ts, PLAN_PAGE + (ts->resume == NIL ? 0 :
-													 ts->resume_inclusive ? 1 : 2),
-									sql.data, nargs, types),
-						  values, NULL, false, 0);
+	rc = SPI_execute_plan_extended(turn_plan(ts, PLAN_PAGE + (ts->resume == NIL ? 0 :
+															  ts->resume_inclusive ? 1 : 2),
+											 sql.data, nargs, types,
+											 ts->page_plan_options),
+								   &options);
 	dsm_leave(&owner);
-	if (rc != SPI_OK_SELECT)
+
+	/* (SPI reports a SELECT into a receiver of its own as a utility.) */
+	if (rc != SPI_OK_SELECT && rc != SPI_OK_UTILITY)
 		elog(ERROR, "dsmapper: could not read a page of relation \"%s\"",
 			 job->relation_name);
-	page = SPI_tuptable;
-	n = SPI_processed;
+	n = page.nelems;
 
 	/* 3. Call the mapper, as the owner. */
 	if (n > 0)
 	{
 		MemoryContext old;
-		Datum	   *elems = palloc(sizeof(Datum) * n);
-		int			column = job->rows_mode ? ts->key->natts + 1 : 1;
 		ArrayType  *array;
 		LOCAL_FCINFO(fcinfo, 2);
 
-		last = row_key_strings(ts, page->vals[n - 1], page->tupdesc);
+		last = page_key_strings(ts, &page, n - 1);
 		old = MemoryContextSwitchTo(ts->page_cxt);
-		ts->first_key = key_text(row_key_strings(ts, page->vals[0], page->tupdesc));
+		ts->first_key = key_text(page_key_strings(ts, &page, 0));
 		ts->last_key = key_text(last);
 		MemoryContextSwitchTo(old);
 
@@ -736,17 +849,7 @@ map_page(TurnState *ts, bool *done)
 					(errcode(ERRCODE_UNDEFINED_FUNCTION),
 					 errmsg("function of mapper \"%s\" no longer exists", job->mapper)));
 		check_owner_privileges(job, ts->fn_oid);
-		if (!IsBinaryCoercible(SPI_gettypeid(page->tupdesc, column), ts->elem_type))
-			elog(ERROR, "dsmapper: page column of type %s does not fit the mapper's %s[]",
-				 format_type_be(SPI_gettypeid(page->tupdesc, column)),
-				 format_type_be(ts->elem_type));
-		for (uint64 i = 0; i < n; i++)
-		{
-			bool		isnull;
-
-			elems[i] = SPI_getbinval(page->vals[i], page->tupdesc, column, &isnull);
-		}
-		array = construct_array(elems, (int) n, ts->elem_type, ts->elem_len,
+		array = construct_array(page.elems, (int) n, ts->elem_type, ts->elem_len,
 								ts->elem_byval, ts->elem_align);
 
 		dsm_enter_owner(&owner, job->owner, job->search_path);
@@ -785,7 +888,7 @@ map_page(TurnState *ts, bool *done)
 										" updated = pg_catalog.clock_timestamp()"
 										" WHERE job_id OPERATOR(pg_catalog.=) $1"
 										" AND shard OPERATOR(pg_catalog.=) $2",
-										4, ctypes),
+										4, ctypes, 0),
 							  cvalues, cnulls, false, 0);
 		if (rc != SPI_OK_UPDATE)
 			elog(ERROR, "dsmapper: could not write the checkpoint");
