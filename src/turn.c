@@ -121,6 +121,14 @@ page_begin(TurnState *ts)
 		elog(ERROR, "dsmapper: SPI_connect failed");
 }
 
+/*
+ * page_commit ends a page.  In a worker the commit itself runs as the job's
+ * owner: user code can leave work for commit time, deferred triggers and
+ * WITH HOLD cursors, and PostgreSQL runs it as whoever is the current user
+ * then, which would otherwise be the worker's superuser.  (In a session the
+ * caller's own commit runs it, as the caller; code of other roles runs
+ * there as a security-restricted operation, which refuses both.)
+ */
 static void
 page_commit(TurnState *ts)
 {
@@ -131,6 +139,16 @@ page_commit(TurnState *ts)
 		ReleaseCurrentSubTransaction();
 		MemoryContextSwitchTo(ts->caller_cxt);
 		CurrentResourceOwner = ts->caller_owner;
+	}
+	else if (ts->job != NULL &&
+			 SearchSysCacheExists1(AUTHOID, ObjectIdGetDatum(ts->job->owner)))
+	{
+		DsmIdentity owner;
+
+		/* The commit pops the GUC nest level; only the role is restored. */
+		dsm_enter_owner(&owner, ts->job->owner, ts->job->search_path);
+		CommitTransactionCommand();
+		SetUserIdAndSecContext(owner.saved_userid, owner.saved_sec_context);
 	}
 	else
 		CommitTransactionCommand();

@@ -16,7 +16,9 @@
 #      same worker runs another owner's job;
 #  (f) in dsmapper_run(), a superuser's session runs other roles' mappers
 #      as a security-restricted operation: they cannot leave temporary
-#      tables behind for the session to meet.
+#      tables behind for the session to meet;
+#  (g) user code that runs at commit (deferred triggers, WITH HOLD
+#      cursors) runs as the owner in a worker.
 
 use strict;
 use warnings;
@@ -216,6 +218,49 @@ is(su("SELECT count(DISTINCT pid) FROM tmp_seen"), '1',
 	'both jobs ran in the same worker process (single worker)');
 is(su("SELECT who || ':' || temp_tables FROM tmp_seen ORDER BY who"),
 	"alice:1\nbob:0", 'alice\'s temporary table was gone when bob\'s mapper ran');
+
+# ===========================================================================
+# (g) User code that PostgreSQL runs at commit time (deferred triggers,
+#     WITH HOLD cursors) runs as the owner, not as the worker's superuser.
+
+as_role('alice', q{
+	CREATE TABLE commit_seen (what text, who name, super boolean);
+	CREATE FUNCTION commit_probe(what text) RETURNS integer
+	LANGUAGE plpgsql AS $$
+	BEGIN
+		INSERT INTO public.commit_seen
+		SELECT what, current_user, rolsuper FROM pg_roles WHERE rolname = current_user;
+		RETURN 1;
+	END $$;
+	CREATE FUNCTION commit_trig() RETURNS trigger
+	LANGUAGE plpgsql AS $$
+	BEGIN
+		PERFORM public.commit_probe('trigger');
+		RETURN NULL;
+	END $$;
+	CREATE TABLE late_t (id bigint PRIMARY KEY, n integer NOT NULL DEFAULT 0);
+	INSERT INTO late_t SELECT g FROM generate_series(1, 30) g;
+	CREATE CONSTRAINT TRIGGER late_check AFTER UPDATE ON late_t
+		DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION commit_trig();
+	CREATE FUNCTION late_map(keys bigint[], params jsonb) RETURNS void
+	LANGUAGE plpgsql AS $$
+	BEGIN
+		UPDATE public.late_t SET n = n + 1 WHERE id = ANY (keys);
+		EXECUTE format('DECLARE %I CURSOR WITH HOLD FOR'
+			' SELECT public.commit_probe(''cursor'') FROM generate_series(1, 2)',
+			'late_c' || keys[1]);
+	END $$;
+	SELECT dsmapper_register('late-map', 'late_map(bigint[], jsonb)');
+});
+$job = as_role('alice',
+	"SELECT dsmapper_launch('late-map', 'late_t', shards => 1, page_size => 10)");
+is(wait_job($node, $job), 'succeeded', 'a job with a deferred trigger and a held cursor succeeds');
+is(su("SELECT count(*) FROM late_t WHERE n = 1"), '30', 'every row mapped once');
+is(su("SELECT string_agg(DISTINCT what || ':' || who || ':' || super, ',' ORDER BY what || ':' || who || ':' || super) FROM commit_seen"),
+	'cursor:alice:false,trigger:alice:false',
+	'deferred triggers and held cursors ran at commit as the owner, never as a superuser');
+is(su("SELECT count(*) FROM commit_seen WHERE what = 'trigger'"), '30',
+	'the deferred trigger fired once per mapped row');
 
 # ===========================================================================
 # (f) dsmapper_run() in a superuser's session: other roles' code is
