@@ -1175,6 +1175,14 @@ dsmapper_run(PG_FUNCTION_ARGS)
 		if (!claimed)
 			break;
 
+		/*
+		 * The pages of this session become visible only when the caller
+		 * commits, so nobody else may claim the task before then: hold its
+		 * claim lock at transaction level too (the session-level claim is
+		 * released after the turn as usual).
+		 */
+		(void) dsm_lock_task(task.job_id, task.shard, false, false);
+
 		PG_TRY();
 		{
 			dsm_session_runner = caller;

@@ -740,7 +740,8 @@ set_task_locktag(LOCKTAG *tag, int64 job_id, int32 shard)
  * dsm_lock_task takes the claim lock of a task (a shard, or the split task
  * of a job).  A session lock outlives transactions and is what a worker
  * holds for a turn; a transaction lock is what the API takes to settle a
- * shard nobody works on.  Returns false if not available and !wait.
+ * shard nobody works on, and what dsmapper_run() keeps until its caller's
+ * transaction ends.  Returns false if not available and !wait.
  */
 bool
 dsm_lock_task(int64 job_id, int32 shard, bool session, bool wait)

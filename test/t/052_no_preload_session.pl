@@ -219,6 +219,33 @@ my ($sb, $cb, $pb) = run_until_final($jb, '10 s', 5);
 is($sb, 'succeeded', "the superuser's dsmapper_run runs bob's job ($pb pages)");
 is(counter_summary($node, 'tb'), '500|500|0|0', '  tb: every row exactly once');
 
+# ===========================================================================
+# 4b. Two sessions at once: a session's pages are not committed until its
+#     caller commits, so another session must not claim the same shard
+#     from the old checkpoint meanwhile.
+# ===========================================================================
+
+create_counter_table($node, 'tc', 1000);
+create_counter_mapper($node, 'count_tc', 'tc');
+my $jc = launch($node, 'count_tc', 'tc', 'shards => 1, page_size => 100, pages_per_task => 2');
+su("SELECT dsmapper_run('1 ms')");    # the split only: one task per call
+is(su("SELECT count(*) FROM dsmapper.shards WHERE job_id = $jc"), '1', 'one shard to fight over');
+my $holder = $node->background_psql('postgres');
+$holder->query_safe("BEGIN");
+my $held_pages = $holder->query_safe("SELECT dsmapper_run('1 ms')");
+cmp_ok($held_pages, '>', 0, "a session maps pages and keeps its transaction open ($held_pages pages)");
+# (Were it claimed, its checkpoint write would wait for the holder: bound it.)
+my ($other_rc, $other_pages) = $node->psql('postgres',
+	"SET statement_timeout = '5s'; SET client_min_messages = warning; SELECT dsmapper_run('1 s')");
+is("$other_rc:$other_pages", '0:0',
+	'  another session does not claim the shard while they are uncommitted');
+$holder->query_safe("COMMIT");
+$holder->quit;
+my ($sc) = run_until_final($jc, '10 s', 20);
+is($sc, 'succeeded', '  after the commit the other session finishes the job');
+is(counter_summary($node, 'tc'), '1000|1000|0|0', '  tc: every row exactly once');
+is(su("SELECT processed FROM dsmapper.jobs WHERE job_id = $jc"), '1000', '  processed counts every row once');
+
 $node->stop;
 
 # ===========================================================================
