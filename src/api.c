@@ -408,6 +408,7 @@ dsmapper_launch(PG_FUNCTION_ARGS)
 		ereport(ERROR,
 				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
 				 errmsg("permission denied for table %s", RelationGetRelationName(rel))));
+	dsm_check_no_inheritance_children(rel);
 	key = dsm_primary_key(rel, false);
 	relation_name = dsm_quoted_relation_name(relid);
 

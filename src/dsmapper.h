@@ -192,6 +192,7 @@ typedef struct DsmIdentity
 
 extern DsmJob *dsm_load_job(int64 job_id, bool lock_row, MemoryContext mcxt);
 extern DsmKey *dsm_primary_key(Relation rel, bool missing_ok);
+extern void dsm_check_no_inheritance_children(Relation rel);
 extern char *dsm_key_list_sql(DsmKey *key, const char *prefix);
 extern char *dsm_key_order_sql(DsmKey *key, const char *prefix);
 extern char *dsm_key_compare_sql(DsmKey *key, const char *prefix,

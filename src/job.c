@@ -26,6 +26,7 @@
 #include "access/table.h"
 #include "catalog/indexing.h"
 #include "catalog/namespace.h"
+#include "catalog/pg_inherits.h"
 #include "catalog/pg_extension.h"
 #include "catalog/pg_operator.h"
 #include "catalog/pg_type.h"
@@ -414,6 +415,26 @@ qualified_operator(Oid opno)
 					  NameStr(form->oprname));
 	ReleaseSysCache(tuple);
 	return result;
+}
+
+/*
+ * dsm_check_no_inheritance_children refuses an ordinary table that has
+ * inheritance children: their rows belong to it in queries, but its primary
+ * key is unique only within each table, so two rows may share a key and
+ * paging by key would skip one of them.  (Partitioned tables are fine:
+ * their primary key is unique across the partitions.)
+ */
+void
+dsm_check_no_inheritance_children(Relation rel)
+{
+	if (rel->rd_rel->relkind == RELKIND_RELATION &&
+		find_inheritance_children(RelationGetRelid(rel), NoLock) != NIL)
+		ereport(ERROR,
+				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+				 errmsg("cannot map table \"%s\" because it has inheritance children",
+						RelationGetRelationName(rel)),
+				 errdetail("Its primary key is unique within each table of the hierarchy, not across it, so its rows cannot be paged by key."),
+				 errhint("Launch a job on each table of the hierarchy, or use declarative partitioning.")));
 }
 
 /*

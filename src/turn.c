@@ -480,6 +480,7 @@ resolve_mapper(TurnState *ts)
 
 	old = MemoryContextSwitchTo(ts->cxt);
 	rel = table_open(job->relid, AccessShareLock);
+	dsm_check_no_inheritance_children(rel);
 	ts->key = dsm_primary_key(rel, true);
 	if (ts->key == NULL || ts->key->natts != list_length(job->key_columns))
 	{

@@ -158,6 +158,12 @@ CREATE TEMPORARY TABLE lt_temp (id bigint PRIMARY KEY);
 SELECT dsmapper_launch('launch-ids', 'lt_temp');
 \echo SQLSTATE :LAST_ERROR_SQLSTATE
 DROP TABLE lt_temp;
+-- A table with inheritance children: its key is unique per table only.
+CREATE TABLE lt_parent (id bigint PRIMARY KEY);
+CREATE TABLE lt_child () INHERITS (lt_parent);
+SELECT dsmapper_launch('launch-ids', 'lt_parent');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
+DROP TABLE lt_child, lt_parent;
 
 -- Mappers that do not fit the table.
 SELECT dsmapper_launch('launch-ids', 'lt_comp');
