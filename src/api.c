@@ -445,6 +445,8 @@ dsmapper_launch(PG_FUNCTION_ARGS)
 	rows_mode = (arg_elem == rel->rd_rel->reltype);
 	if (!rows_mode)
 	{
+		bool		cast;
+
 		if (key->natts != 1)
 			ereport(ERROR,
 					(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
@@ -453,7 +455,7 @@ dsmapper_launch(PG_FUNCTION_ARGS)
 					 errdetail("Keys mode needs a single-column primary key."),
 					 errhint("Use a mapper whose first parameter is %s[] (rows mode).",
 							 format_type_be(rel->rd_rel->reltype))));
-		if (!IsBinaryCoercible(key->typids[0], arg_elem))
+		if (!dsm_key_fits_mapper(key->typids[0], arg_elem, &cast))
 			ereport(ERROR,
 					(errcode(ERRCODE_DATATYPE_MISMATCH),
 					 errmsg("mapper \"%s\" takes %s[], but the primary key of \"%s\" is %s",

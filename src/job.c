@@ -34,6 +34,7 @@
 #include "executor/spi.h"
 #include "miscadmin.h"
 #include "nodes/parsenodes.h"
+#include "parser/parse_coerce.h"
 #include "parser/parser.h"
 #include "parser/scanner.h"
 #include "common/keywords.h"
@@ -415,6 +416,25 @@ qualified_operator(Oid opno)
 					  NameStr(form->oprname));
 	ReleaseSysCache(tuple);
 	return result;
+}
+
+/*
+ * dsm_key_fits_mapper tells whether keys of key_type can be passed to a
+ * keys-mode mapper whose array holds elem_type: as they are when the types
+ * are binary compatible, or through the implicit cast between them (an
+ * integer key for a bigint[] mapper, say), in which case *cast is set.
+ */
+bool
+dsm_key_fits_mapper(Oid key_type, Oid elem_type, bool *cast)
+{
+	*cast = false;
+	if (IsBinaryCoercible(key_type, elem_type))
+		return true;
+	if (IsPolymorphicType(elem_type) ||
+		!can_coerce_type(1, &key_type, &elem_type, COERCION_IMPLICIT))
+		return false;
+	*cast = true;
+	return true;
 }
 
 /*

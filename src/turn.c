@@ -77,7 +77,8 @@ typedef struct TurnState
 	bool		elem_byval;
 	char		elem_align;
 	Datum		params;
-	char	   *select_list;	/* key columns [, whole row] */
+	char	   *select_list;	/* key columns [, what the mapper gets] */
+	int			mapper_column;	/* the page column the mapper gets */
 	char	   *from_clause;	/* quoted relation and alias */
 	List	   *range_end;		/* text per key column, NIL: unbounded */
 	List	   *resume;			/* last committed key, or range_start */
@@ -436,6 +437,7 @@ resolve_mapper(TurnState *ts)
 	MemoryContext old;
 	ListCell   *lc;
 	int			i;
+	bool		cast = false;
 
 	/* The owner, the mapper registration and its function. */
 	if (!SearchSysCacheExists1(AUTHOID, ObjectIdGetDatum(job->owner)))
@@ -503,7 +505,7 @@ resolve_mapper(TurnState *ts)
 		}
 	}
 	if (job->rows_mode ? ts->elem_type != rel->rd_rel->reltype
-		: !IsBinaryCoercible(ts->key->typids[0], ts->elem_type))
+		: !dsm_key_fits_mapper(ts->key->typids[0], ts->elem_type, &cast))
 	{
 		table_close(rel, AccessShareLock);
 		ereport(ERROR,
@@ -536,9 +538,26 @@ resolve_mapper(TurnState *ts)
 	ts->params = datumCopy(DirectFunctionCall1(jsonb_in,
 											   CStringGetDatum(job->params)),
 						   false, -1);
-	ts->select_list = psprintf("%s%s%s", dsm_key_list_sql(ts->key, ts->key->alias),
-							   job->rows_mode ? ", " : "",
-							   job->rows_mode ? ts->key->alias : "");
+
+	/*
+	 * The page query returns the key columns, then what the mapper gets
+	 * when that is not the key itself: the whole row (rows mode), or the
+	 * key cast to the mapper's element type.
+	 */
+	ts->select_list = dsm_key_list_sql(ts->key, ts->key->alias);
+	ts->mapper_column = 1;
+	if (job->rows_mode)
+	{
+		ts->select_list = psprintf("%s, %s", ts->select_list, ts->key->alias);
+		ts->mapper_column = ts->key->natts + 1;
+	}
+	else if (cast)
+	{
+		ts->select_list = psprintf("%s, CAST(%s AS %s)", ts->select_list,
+								   ts->select_list,
+								   format_type_be_qualified(ts->elem_type));
+		ts->mapper_column = 2;
+	}
 	ts->from_clause = psprintf("%s AS %s",
 							   dsm_quoted_relation_name(job->relid), ts->key->alias);
 	MemoryContextSwitchTo(old);
@@ -587,10 +606,14 @@ typedef struct PageReceiver
 	DestReceiver pub;
 	TurnState  *ts;
 	MemoryContext cxt;			/* where the values are copied to */
-	int			column;			/* the attribute passed to the mapper */
-	Datum	   *elems;
+	Datum	   *elems;			/* the mapper's values, one per row */
 	int			nelems;
 	int			capacity;
+	bool		keep_key;		/* a cast key: keep the first and last key */
+	int16		key_len;
+	bool		key_byval;
+	Datum		first_key;
+	Datum		last_key;
 } PageReceiver;
 
 /*
@@ -601,7 +624,7 @@ static void
 page_receiver_startup(DestReceiver *self, int operation, TupleDesc desc)
 {
 	PageReceiver *r = (PageReceiver *) self;
-	Oid			type = TupleDescAttr(desc, r->column - 1)->atttypid;
+	Oid			type = TupleDescAttr(desc, r->ts->mapper_column - 1)->atttypid;
 
 	if (!IsBinaryCoercible(type, r->ts->elem_type))
 		elog(ERROR, "dsmapper: page column of type %s does not fit the mapper's %s[]",
@@ -618,7 +641,7 @@ page_receiver_receive(TupleTableSlot *slot, DestReceiver *self)
 	TurnState  *ts = r->ts;
 	MemoryContext old;
 	bool		isnull;
-	Datum		d = slot_getattr(slot, r->column, &isnull);
+	Datum		d = slot_getattr(slot, ts->mapper_column, &isnull);
 
 	if (isnull)
 		elog(ERROR, "dsmapper: page row without a key");
@@ -629,6 +652,22 @@ page_receiver_receive(TupleTableSlot *slot, DestReceiver *self)
 		r->elems = repalloc(r->elems, sizeof(Datum) * r->capacity);
 	}
 	r->elems[r->nelems++] = datumCopy(d, ts->elem_byval, ts->elem_len);
+
+	/* The key itself, when the mapper gets it cast: the latest row's. */
+	if (r->keep_key)
+	{
+		d = slot_getattr(slot, 1, &isnull);
+		if (isnull)
+			elog(ERROR, "dsmapper: page row without a key");
+		if (r->nelems == 1)
+			r->first_key = datumCopy(d, r->key_byval, r->key_len);
+		else
+		{
+			if (!r->key_byval && r->nelems > 2)
+				pfree(DatumGetPointer(r->last_key));
+			r->last_key = datumCopy(d, r->key_byval, r->key_len);
+		}
+	}
 	MemoryContextSwitchTo(old);
 	return true;
 }
@@ -644,21 +683,25 @@ page_receiver_destroy(DestReceiver *self)
 }
 
 /*
- * page_key_strings returns the key of the page's i-th row as text, one
- * element per column: the value itself in keys mode, the key columns of
- * the row in rows mode.  Internal identity.
+ * page_key_strings returns the key of the page's first or last row as
+ * text, one element per column: the mapper's value itself in keys mode,
+ * the key kept aside when the mapper gets it cast, the key columns of the
+ * row in rows mode.  Internal identity.
  */
 static List *
-page_key_strings(TurnState *ts, PageReceiver *page, int i)
+page_key_strings(TurnState *ts, PageReceiver *page, bool last)
 {
 	List	   *result = NIL;
+	int			i = last ? page->nelems - 1 : 0;
 
 	for (int c = 0; c < ts->key->natts; c++)
 	{
 		bool		isnull = false;
 		Datum		d = page->elems[i];
 
-		if (ts->job->rows_mode)
+		if (page->keep_key)
+			d = last && page->nelems > 1 ? page->last_key : page->first_key;
+		else if (ts->job->rows_mode)
 			d = GetAttributeByNum(DatumGetHeapTupleHeader(d),
 								  ts->key->attnums[c], &isnull);
 		if (isnull)
@@ -818,7 +861,9 @@ map_page(TurnState *ts, bool *done)
 	page.pub.mydest = DestNone;
 	page.ts = ts;
 	page.cxt = CurrentMemoryContext;
-	page.column = job->rows_mode ? ts->key->natts + 1 : 1;
+	page.keep_key = !job->rows_mode && ts->mapper_column != 1;
+	get_typlenbyval(ts->key->typids[0], &page.key_len, &page.key_byval);
+	page.first_key = page.last_key = (Datum) 0;
 	page.nelems = 0;
 	page.capacity = Min(Max(ts->page_limit, 1), 1024);
 	page.elems = palloc(sizeof(Datum) * page.capacity);
@@ -856,9 +901,9 @@ map_page(TurnState *ts, bool *done)
 		ArrayType  *array;
 		LOCAL_FCINFO(fcinfo, 2);
 
-		last = page_key_strings(ts, &page, n - 1);
+		last = page_key_strings(ts, &page, true);
 		old = MemoryContextSwitchTo(ts->page_cxt);
-		ts->first_key = key_text(page_key_strings(ts, &page, 0));
+		ts->first_key = key_text(page_key_strings(ts, &page, false));
 		ts->last_key = key_text(last);
 		MemoryContextSwitchTo(old);
 

@@ -49,7 +49,7 @@ CREATE TABLE lt_nopk (id bigint, v integer);
 CREATE VIEW lt_view AS SELECT * FROM lt;
 CREATE MATERIALIZED VIEW lt_matview AS SELECT * FROM lt;
 CREATE SEQUENCE lt_seq;
-CREATE TABLE lt_int (id integer PRIMARY KEY);
+CREATE TABLE lt_num (id numeric PRIMARY KEY);
 CREATE TABLE lt_comp (a integer, b integer, note text, PRIMARY KEY (a, b));
 INSERT INTO lt_comp SELECT a, b, a || '/' || b
   FROM generate_series(1, 6) a, generate_series(1, 5) b;
@@ -170,7 +170,7 @@ SELECT dsmapper_launch('launch-ids', 'lt_comp');
 \echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_launch('launch-text', 'lt');
 \echo SQLSTATE :LAST_ERROR_SQLSTATE
-SELECT dsmapper_launch('launch-ids', 'lt_int');
+SELECT dsmapper_launch('launch-ids', 'lt_num');
 \echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_launch('launch-rows', 'lt');
 \echo SQLSTATE :LAST_ERROR_SQLSTATE
@@ -376,6 +376,6 @@ SELECT dsmapper_unregister(mapper) FROM dsmapper.mappers
 DROP VIEW lt_view, lt_shards;
 DROP MATERIALIZED VIEW lt_matview;
 DROP FUNCTION launch_map, launch_map_text, launch_map_private, launch_map_rows;
-DROP TABLE lt, lt_calls, lt_nopk, lt_int, lt_comp, lt_empty;
+DROP TABLE lt, lt_calls, lt_nopk, lt_num, lt_comp, lt_empty;
 DROP SEQUENCE lt_seq;
 DROP ROLE regress_dsm_launcher;

@@ -55,6 +55,12 @@ my %types = (
 		'bigint', 'bigint', 'g * 3000000000001 - 4000000000000000',
 		qr/^-?\d+$/
 	],
+	# keys cast implicitly to the mapper's element type
+	k_int4_as_int8 => [ 'integer', 'bigint', 'g * 7919 - 10000000', qr/^-?\d+$/ ],
+	k_date_as_ts => [
+		'date', 'timestamp', q{date '1999-12-25' + g * 3},
+		qr/^\d{4}-\d\d-\d\d$/
+	],
 	# fractions of many scales, negative and positive
 	k_numeric => [
 		'numeric', 'numeric',
@@ -185,6 +191,31 @@ foreach my $t (sort keys %types)
 }
 is($node->safe_psql('postgres', 'SELECT count(*) FROM disorder'),
 	'0', 'every page had its keys in ascending order');
+
+# A key cast for the mapper: a failing page still records the key itself
+# (not the cast value) as its first and last key.
+$node->safe_psql(
+	'postgres', q{
+	CREATE TABLE k_cast_err (id date PRIMARY KEY);
+	INSERT INTO k_cast_err SELECT date '2020-01-01' + g FROM generate_series(1, 100) g;
+	CREATE FUNCTION map_cast_err(keys timestamp[], params jsonb) RETURNS void
+	LANGUAGE plpgsql AS $$
+	BEGIN
+		IF timestamp '2020-02-20' = ANY (keys) THEN
+			RAISE EXCEPTION 'bad key in %', keys[1];
+		END IF;
+	END $$;
+	SELECT dsmapper_register('map_cast_err', 'map_cast_err(timestamp[], jsonb)');
+});
+my $cast_job = $node->safe_psql('postgres',
+	"SELECT dsmapper_launch('map_cast_err', 'k_cast_err', shards => 1, page_size => 10)");
+is(wait_job($node, $cast_job), 'failed', 'a mapper of cast keys fails on its bad page');
+is( $node->safe_psql(
+		'postgres',
+		"SELECT error_first_key || '|' || error_last_key || '|' || resume_from
+		   FROM dsmapper.shards WHERE job_id = $cast_job"),
+	'2020-02-11|2020-02-20|2020-02-10',
+	'the failed page and the checkpoint are recorded as keys of the key type');
 
 # A timestamptz range bound denotes the same instant in every session.
 {
