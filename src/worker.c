@@ -383,16 +383,18 @@ dsm_worker_main(Datum main_arg)
 			FreeErrorData(edata);
 		}
 		AbortOutOfAnyTransaction();
-		LockReleaseSession(USER_LOCKMETHOD);
 		RESUME_INTERRUPTS();
 
 		/*
 		 * The turn in hand did not end normally, but this process lives on:
 		 * clear its in_turn mark so the next turn does not take it for a
-		 * crash.  Best effort; a failure here is only logged.
+		 * crash.  Still under our claim lock, so the mark is ours and not
+		 * that of a worker that claimed the shard since.  Best effort; a
+		 * failure here is only logged.
 		 */
 		if (slot->job_id != 0 && slot->shard != DSM_SPLIT_TASK)
 			clear_in_turn(slot->job_id, slot->shard);
+		LockReleaseSession(USER_LOCKMETHOD);
 		HOLD_INTERRUPTS();
 		MemoryContextSwitchTo(TopMemoryContext);
 		FlushErrorState();
