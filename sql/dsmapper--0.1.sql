@@ -20,9 +20,10 @@ CREATE TABLE dsmapper.mapper (
 );
 
 /*
- * One row per job.  The launch arguments are kept as given; key_columns and
- * mode are resolved at launch from the table's primary key and the mapper's
- * signature, and checked again by every turn.  fn is the mapper's function
+ * One row per job.  The launch arguments are kept as given; key_columns,
+ * key_signature and mode are resolved at launch from the table's primary
+ * key and the mapper's signature, and checked again by every turn (shard
+ * bounds and checkpoints only mean something in the key's order).  fn is the mapper's function
  * at launch (or at the last retry): a job never calls another function,
  * whatever the mapper id is bound to later.
  */
@@ -33,6 +34,7 @@ CREATE TABLE dsmapper.job (
     relation        oid NOT NULL,
     relation_name   text NOT NULL,
     key_columns     text[] NOT NULL,
+    key_signature   text NOT NULL,  -- types, collations, operators of the key
     mode            text NOT NULL CHECK (mode IN ('keys', 'rows')),
     params          jsonb NOT NULL,
     shards_wanted   integer NOT NULL,

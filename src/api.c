@@ -509,11 +509,11 @@ dsmapper_launch(PG_FUNCTION_ARGS)
 	search_path = GetConfigOptionByName("search_path", NULL, false);
 	dsm_enter_internal(&internal);
 	{
-		Oid			types[15] = {TEXTOID, OIDOID, TEXTOID, TEXTARRAYOID, TEXTOID,
+		Oid			types[16] = {TEXTOID, OIDOID, TEXTOID, TEXTARRAYOID, TEXTOID,
 			TEXTOID, INT4OID, INT4OID, TEXTOID, INT4OID, INTERVALOID, BOOLOID,
-		INT4OID, OIDOID, OIDOID};
-		Datum		values[15];
-		char		nulls[15];
+		INT4OID, OIDOID, OIDOID, TEXTOID};
+		Datum		values[16];
+		char		nulls[16];
 		Oid			stypes[2] = {TEXTOID, INT8OID};
 		Datum		svalues[2];
 		bool		found;
@@ -535,16 +535,17 @@ dsmapper_launch(PG_FUNCTION_ARGS)
 		values[12] = Int32GetDatum(max_attempts);
 		values[13] = ObjectIdGetDatum(caller);
 		values[14] = ObjectIdGetDatum(fn);
+		values[15] = CStringGetTextDatum(dsm_key_signature(key));
 
 		if (SPI_execute_with_args("INSERT INTO dsmapper.job (mapper, relation,"
 								  " relation_name, key_columns, mode, params,"
 								  " shards_wanted, page_size, filter, pages_per_task,"
 								  " task_duration, track_progress, max_attempts, owner,"
-								  " search_path, fn)"
+								  " search_path, fn, key_signature)"
 								  " VALUES ($1, $2, $3, $4, $5, $6::pg_catalog.jsonb,"
-								  " $7, $8, $9, $10, $11, $12, $13, $14, '', $15)"
+								  " $7, $8, $9, $10, $11, $12, $13, $14, '', $15, $16)"
 								  " RETURNING job_id",
-								  15, types, values, nulls, false, 0) != SPI_OK_INSERT_RETURNING)
+								  16, types, values, nulls, false, 0) != SPI_OK_INSERT_RETURNING)
 			elog(ERROR, "dsmapper: could not store the job");
 		job_id = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
 											 SPI_tuptable->tupdesc, 1, &found));

@@ -140,6 +140,7 @@ typedef struct DsmJob
 	Oid			relid;
 	char	   *relation_name;
 	List	   *key_columns;	/* column names, as char * */
+	char	   *key_signature;	/* dsm_key_signature() at launch */
 	bool		rows_mode;
 	char	   *params;			/* jsonb, as text */
 	int			shards_wanted;
@@ -194,6 +195,7 @@ extern DsmJob *dsm_load_job(int64 job_id, bool lock_row, MemoryContext mcxt);
 extern DsmKey *dsm_primary_key(Relation rel, bool missing_ok);
 extern void dsm_check_no_inheritance_children(Relation rel);
 extern bool dsm_key_fits_mapper(Oid key_type, Oid elem_type, bool *cast);
+extern char *dsm_key_signature(DsmKey *key);
 extern char *dsm_key_list_sql(DsmKey *key, const char *prefix);
 extern char *dsm_key_order_sql(DsmKey *key, const char *prefix);
 extern char *dsm_key_compare_sql(DsmKey *key, const char *prefix,

@@ -357,7 +357,7 @@ dsm_load_job(int64 job_id, bool lock_row, MemoryContext mcxt)
 			" params::text, shards_wanted, page_size, filter, pages_per_task,"
 			" (extract(epoch FROM task_duration) * 1000)::int8,"
 			" track_progress, max_attempts, owner, search_path, state,"
-			" started, fn"
+			" started, fn, key_signature"
 			" FROM dsmapper.job WHERE job_id OPERATOR(pg_catalog.=) $1%s",
 			lock_row ? " FOR NO KEY UPDATE" : ""),
 			1, types, values, NULL, false, 1);
@@ -392,6 +392,7 @@ dsm_load_job(int64 job_id, bool lock_row, MemoryContext mcxt)
 	if (isnull)
 		job->started = 0;
 	job->fn = DatumGetObjectId(SPI_getbinval(tuple, desc, 18, &isnull));
+	job->key_signature = spi_text(tuple, desc, 19);
 	MemoryContextSwitchTo(oldcxt);
 
 	return job;
@@ -416,6 +417,23 @@ qualified_operator(Oid opno)
 					  NameStr(form->oprname));
 	ReleaseSysCache(tuple);
 	return result;
+}
+
+/*
+ * dsm_key_signature describes what orders a primary key: the type,
+ * collation and ordering operator of every column.  A job's shard bounds
+ * and checkpoints are only valid while it stays the same.
+ */
+char *
+dsm_key_signature(DsmKey *key)
+{
+	StringInfoData buf;
+
+	initStringInfo(&buf);
+	for (int i = 0; i < key->natts; i++)
+		appendStringInfo(&buf, "%s%u/%u/%s", i > 0 ? "," : "",
+						 key->typids[i], key->collations[i], key->lt_ops[i]);
+	return buf.data;
 }
 
 /*

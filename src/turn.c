@@ -484,7 +484,13 @@ resolve_mapper(TurnState *ts)
 	rel = table_open(job->relid, AccessShareLock);
 	dsm_check_no_inheritance_children(rel);
 	ts->key = dsm_primary_key(rel, true);
-	if (ts->key == NULL || ts->key->natts != list_length(job->key_columns))
+
+	/*
+	 * The same columns, ordered the same way: shard bounds and checkpoints
+	 * mean nothing under another type, collation or operator class.
+	 */
+	if (ts->key == NULL || ts->key->natts != list_length(job->key_columns) ||
+		strcmp(dsm_key_signature(ts->key), job->key_signature) != 0)
 	{
 		table_close(rel, AccessShareLock);
 		ereport(ERROR,

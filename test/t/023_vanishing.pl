@@ -182,6 +182,20 @@ sub check_case
 }
 
 ##
+## (e2) The key keeps its column but changes type (so its order could
+##      change too): the shard bounds and checkpoints no longer apply.
+##
+{
+	my ($v, $h) = start_case('newkeytype');
+	pause_job('newkeytype', $v);
+	$node->safe_psql('postgres', 'ALTER TABLE newkeytype ALTER COLUMN id TYPE integer');
+	is($node->safe_psql('postgres', "SELECT dsmapper_resume($v)"), 'running', 'newkeytype: resumed');
+	check_case('newkeytype', $v, $h,
+		qr/primary key of relation "(public\.)?newkeytype" changed since the job was launched/,
+		'55000');
+}
+
+##
 ## (f) The owner loses SELECT on the table.
 ##
 {
