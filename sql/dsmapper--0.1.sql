@@ -108,6 +108,7 @@ CREATE TABLE dsmapper.queue (
     shard       integer NOT NULL,
     ready_at    timestamptz NOT NULL DEFAULT pg_catalog.now(),
     last_turn   timestamptz,
+    attempts    integer NOT NULL DEFAULT 0,  -- of the split task (shard -1)
     PRIMARY KEY (job_id, shard)
 );
 

@@ -92,6 +92,7 @@ typedef struct DsmDatabase
 	bool		probe;			/* start one worker to look for work */
 	bool		starving;		/* new work waits for a busy worker's turn */
 	TimestampTz purge_at;		/* next finished job due for removal, or 0 */
+	pid_t		dropping_pid;	/* backend running DROP EXTENSION, or 0 */
 } DsmDatabase;
 
 typedef struct DsmShared
@@ -117,6 +118,8 @@ extern void dsm_request_wakeup_at_commit(void);
 extern void dsm_wake_database(Oid dboid);
 extern void dsm_announce_job_state_change(void);
 extern DsmDatabase *dsm_find_database(Oid dboid, bool create);
+extern void dsm_set_extension_dropper(Oid dboid, bool dropping);
+extern bool dsm_extension_being_dropped(Oid dboid);
 extern int	dsm_cancel_job_pages(Oid dboid, int64 job_id);
 extern void dsm_cancel_job_pages_at_commit(int64 job_id);
 

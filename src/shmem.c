@@ -422,6 +422,48 @@ dsm_cancel_job_pages(Oid dboid, int64 job_id)
 }
 
 /*
+ * dsm_set_extension_dropper records that this backend is running (or has
+ * finished) DROP EXTENSION dsmapper in a database.  Any process; a no-op
+ * without shared memory.
+ */
+void
+dsm_set_extension_dropper(Oid dboid, bool dropping)
+{
+	DsmDatabase *db;
+
+	if (dsm_shared == NULL)
+		return;
+	LWLockAcquire(dsm_shared->lock, LW_EXCLUSIVE);
+	db = dsm_find_database(dboid, dropping);
+	if (db != NULL && (dropping || db->dropping_pid == MyProcPid))
+		db->dropping_pid = dropping ? MyProcPid : 0;
+	LWLockRelease(dsm_shared->lock);
+}
+
+/*
+ * dsm_extension_being_dropped tells a worker whose page was canceled
+ * whether DROP EXTENSION dsmapper is under way in its database, in which
+ * case it must not touch dsmapper's tables again: the command holds some
+ * of them and waits for the rest, so any bookkeeping would deadlock with
+ * it.  (A dropper that died without saying so no longer counts.)
+ */
+bool
+dsm_extension_being_dropped(Oid dboid)
+{
+	DsmDatabase *db;
+	pid_t		pid = 0;
+
+	if (dsm_shared == NULL)
+		return false;
+	LWLockAcquire(dsm_shared->lock, LW_SHARED);
+	db = dsm_find_database(dboid, false);
+	if (db != NULL)
+		pid = db->dropping_pid;
+	LWLockRelease(dsm_shared->lock);
+	return pid != 0 && kill(pid, 0) == 0;
+}
+
+/*
  * dsm_database_starving tells a worker in a turn that new work of its
  * database is waiting for a turn.  Any process; false without workers.
  */

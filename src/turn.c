@@ -99,6 +99,7 @@ typedef struct TurnState
 	int64		target_page_ms; /* 0: fixed page size */
 	int			shards_in_turn;
 	bool		stop_turn;		/* end the turn after this page */
+	bool		abandoned;		/* canceled by DROP EXTENSION: no bookkeeping */
 	uint64		generation;		/* the database's, before the page read */
 } TurnState;
 
@@ -182,6 +183,22 @@ page_abort(TurnState *ts)
 		AbortCurrentTransaction();
 	MemoryContextSwitchTo(ts->cxt);
 	return edata;
+}
+
+/*
+ * abandon_for_drop tells, after a page was rolled back, whether the error
+ * was the cancel of a DROP EXTENSION dsmapper under way in this database:
+ * then the turn ends without writing anything (see
+ * dsm_extension_being_dropped), and the extension's own removal settles
+ * the rest.
+ */
+static bool
+abandon_for_drop(TurnState *ts, ErrorData *edata)
+{
+	if (!ts->in_session && edata->sqlerrcode == ERRCODE_QUERY_CANCELED &&
+		dsm_extension_being_dropped(MyDatabaseId))
+		ts->abandoned = true;
+	return ts->abandoned;
 }
 
 /*
@@ -1175,7 +1192,8 @@ run_shard_turn(TurnState *ts, TimestampTz deadline)
 
 		if (ts->in_session && edata->sqlerrcode == ERRCODE_QUERY_CANCELED)
 			ReThrowError(edata);
-		record_failure(ts, edata);
+		if (!abandon_for_drop(ts, edata))
+			record_failure(ts, edata);
 		done = true;
 	}
 	PG_END_TRY();
@@ -1245,7 +1263,8 @@ run_shard_turn(TurnState *ts, TimestampTz deadline)
 			edata = page_abort(ts);
 			if (ts->in_session && edata->sqlerrcode == ERRCODE_QUERY_CANCELED)
 				ReThrowError(edata);
-			record_failure(ts, edata);
+			if (!abandon_for_drop(ts, edata))
+				record_failure(ts, edata);
 			done = true;
 		}
 		PG_END_TRY();
@@ -1277,6 +1296,29 @@ static void
 run_split(TurnState *ts)
 {
 	DsmIdentity internal;
+	int			attempts;
+
+	/*
+	 * Count the attempt first, in a transaction of its own, so that a split
+	 * that keeps ending its process (a filter that crashes the backend, say)
+	 * counts too and the job fails after max_attempts instead of looping.
+	 */
+	page_begin(ts);
+	dsm_enter_internal(&internal);
+	{
+		Oid			types[2] = {INT8OID, INT4OID};
+		Datum		values[2] = {Int64GetDatum(ts->job_id),
+		Int32GetDatum(DSM_SPLIT_TASK)};
+
+		attempts = (int) dsm_spi_int64("UPDATE dsmapper.queue"
+									   " SET attempts = attempts OPERATOR(pg_catalog.+) 1"
+									   " WHERE job_id OPERATOR(pg_catalog.=) $1"
+									   " AND shard OPERATOR(pg_catalog.=) $2"
+									   " RETURNING attempts",
+									   2, types, values, NULL);
+	}
+	dsm_leave(&internal);
+	page_commit(ts);
 
 	page_begin(ts);
 	PG_TRY();
@@ -1305,6 +1347,11 @@ run_split(TurnState *ts)
 			ListCell   *lc;
 			List	   *prev = NIL;
 
+			if (attempts > job->max_attempts)
+				ereport(ERROR,
+						(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+						 errmsg("the split was interrupted %d times", attempts - 1),
+						 errhint("Look in the server log for what ended the processes.")));
 			resolve_mapper(ts);
 			split = dsm_split_relation(job, ts->key);
 
@@ -1366,6 +1413,8 @@ run_split(TurnState *ts)
 
 		if (ts->in_session && edata->sqlerrcode == ERRCODE_QUERY_CANCELED)
 			ReThrowError(edata);
+		if (abandon_for_drop(ts, edata))
+			return;
 
 		/* A split that failed fails the job, unless it is worth a retry. */
 		page_begin(ts);
@@ -1377,8 +1426,9 @@ run_split(TurnState *ts)
 			DsmJob	   *job = dsm_load_job(ts->job_id, true, ts->cxt);
 
 			if (job != NULL && strcmp(job->state, "starting") == 0 &&
-				is_transient_error(edata->sqlerrcode))
-				schedule_retry(ts->job_id, DSM_SPLIT_TASK, 5000);
+				is_transient_error(edata->sqlerrcode) &&
+				attempts < job->max_attempts)
+				schedule_retry(ts->job_id, DSM_SPLIT_TASK, backoff_ms(attempts));
 			else
 			{
 				dsm_spi_exec("DELETE FROM dsmapper.queue"
@@ -1445,20 +1495,23 @@ dsm_run_task(DsmTask *task, bool in_session, TimestampTz deadline)
 			pages = run_shard_turn(&ts, deadline);
 
 			/* The turn is over: go to the back of the queue. */
-			page_begin(&ts);
-			dsm_enter_internal(&internal);
-			dsm_spi_exec("UPDATE dsmapper.queue"
-						 " SET last_turn = pg_catalog.clock_timestamp()"
-						 " WHERE job_id OPERATOR(pg_catalog.=) $1"
-						 " AND shard OPERATOR(pg_catalog.=) $2",
-						 2, types, values, SPI_OK_UPDATE);
-			dsm_spi_exec("UPDATE dsmapper.shard SET in_turn = false"
-						 " WHERE job_id OPERATOR(pg_catalog.=) $1"
-						 " AND shard OPERATOR(pg_catalog.=) $2 AND in_turn",
-						 2, types, values, SPI_OK_UPDATE);
-			free_turn_plans(&ts);
-			dsm_leave(&internal);
-			page_commit(&ts);
+			if (!ts.abandoned)
+			{
+				page_begin(&ts);
+				dsm_enter_internal(&internal);
+				dsm_spi_exec("UPDATE dsmapper.queue"
+							 " SET last_turn = pg_catalog.clock_timestamp()"
+							 " WHERE job_id OPERATOR(pg_catalog.=) $1"
+							 " AND shard OPERATOR(pg_catalog.=) $2",
+							 2, types, values, SPI_OK_UPDATE);
+				dsm_spi_exec("UPDATE dsmapper.shard SET in_turn = false"
+							 " WHERE job_id OPERATOR(pg_catalog.=) $1"
+							 " AND shard OPERATOR(pg_catalog.=) $2 AND in_turn",
+							 2, types, values, SPI_OK_UPDATE);
+				free_turn_plans(&ts);
+				dsm_leave(&internal);
+				page_commit(&ts);
+			}
 		}
 	}
 	PG_FINALLY();

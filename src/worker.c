@@ -431,6 +431,18 @@ dsm_worker_main(Datum main_arg)
 							PGC_SUSET, PGC_S_OVERRIDE);
 		}
 
+		/*
+		 * While DROP EXTENSION dsmapper runs here, keep off the tables it is
+		 * taking one by one: a claim would lock some of them and deadlock
+		 * with it.  Its end (either way) is a moment away.
+		 */
+		if (dsm_extension_being_dropped(dboid))
+		{
+			(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+							 100L, PG_WAIT_EXTENSION);
+			continue;
+		}
+
 		LWLockAcquire(dsm_shared->lock, LW_SHARED);
 		db = dsm_find_database(dboid, false);
 		generation = db ? db->generation : 0;

@@ -2,6 +2,7 @@
 # 004_errors.pl: a permanent mapper error fails only its shard, records the
 # error and rolls the page back; a transient error is retried after a
 # backoff; a transient error that never goes away fails the shard after
+# max_attempts; a split that keeps failing transiently fails the job after
 # max_attempts.
 
 use strict;
@@ -154,6 +155,28 @@ is($node->safe_psql('postgres', 'SELECT count(*) FROM always WHERE n > 1'),
 	'0', 'no row mapped twice');
 is($node->safe_psql('postgres', 'SELECT n FROM always WHERE id = 777'),
 	'0', 'the failing row is untouched');
+
+##
+## A split that keeps failing with a transient error (a filter whose
+## function always raises 40001) is retried with backoff, then the job
+## fails after max_attempts instead of staying in 'starting' forever.
+##
+create_counter_table($node, 'nosplit', 100);
+create_counter_mapper($node, 'count_nosplit', 'nosplit');
+$node->safe_psql('postgres', q{
+	CREATE FUNCTION always_conflicts(v bigint) RETURNS boolean
+	LANGUAGE plpgsql AS $$
+	BEGIN
+		RAISE EXCEPTION 'conflict while splitting' USING ERRCODE = '40001';
+	END $$;
+});
+$job = launch($node, 'count_nosplit', 'nosplit',
+	"max_attempts => 2, filter => 'always_conflicts(id)'");
+is(wait_job($node, $job), 'failed', 'a split failing on every attempt fails the job');
+like($node->safe_psql('postgres', "SELECT error FROM dsmapper.jobs WHERE job_id = $job"),
+	qr/could not split: .*conflict while splitting/, 'the job says why');
+is($node->safe_psql('postgres', "SELECT count(*) FROM dsmapper.queue WHERE job_id = $job"),
+	'0', 'nothing of it is left in the queue');
 
 $node->stop;
 done_testing();
