@@ -13,6 +13,11 @@
  * whose previous job is still active launches nothing: one schedule never
  * has two jobs in flight.
  *
+ * dsmapper_unschedule() removes that pg_cron job as the schedule's owner
+ * (the role pg_cron knows it by), so that a member of the owner role can
+ * remove it too: pg_cron shows and removes a role's jobs only to that role
+ * and to superusers.
+ *
  *-------------------------------------------------------------------------
  */
 #include "dsmapper.h"
@@ -24,11 +29,19 @@
 #include "miscadmin.h"
 #include "utils/acl.h"
 #include "utils/builtins.h"
+#include "utils/guc.h"
 #include "utils/lsyscache.h"
 
 PG_FUNCTION_INFO_V1(dsmapper_schedule);
 PG_FUNCTION_INFO_V1(dsmapper_unschedule);
 PG_FUNCTION_INFO_V1(dsmapper_launch_scheduled);
+
+/* The argument names of dsmapper_schedule, for its NULL checks. */
+static const char *const schedule_arg_names[12] = {
+	"name", "schedule", "mapper", "relation", "params", "shards",
+	"page_size", "filter", "pages_per_task", "task_duration",
+	"track_progress", "max_attempts"
+};
 
 /*
  * require_pg_cron errors out unless pg_cron is installed here.
@@ -75,12 +88,36 @@ schedule_owner(const char *name)
 }
 
 /*
+ * quiet_notices raises client_min_messages and log_min_messages to WARNING
+ * (never lowers them) in a new GUC nest level, which it returns for
+ * AtEOXact_GUC.  Errors and warnings still get through.
+ */
+static int
+quiet_notices(void)
+{
+	int			nestlevel = NewGUCNestLevel();
+
+	if (client_min_messages < WARNING)
+		(void) set_config_option("client_min_messages", "warning",
+								 PGC_USERSET, PGC_S_SESSION,
+								 GUC_ACTION_SAVE, true, 0, false);
+	/* In the server log, LOG ranks above WARNING: leave that alone. */
+	if (log_min_messages < WARNING && log_min_messages != LOG)
+		(void) set_config_option("log_min_messages", "warning",
+								 PGC_SUSET, PGC_S_SESSION,
+								 GUC_ACTION_SAVE, true, 0, false);
+	return nestlevel;
+}
+
+/*
  * dsmapper_schedule(name, schedule, mapper, relation, params, shards,
  *					 page_size, filter, pages_per_task, task_duration,
  *					 track_progress, max_attempts) → bigint (pg_cron job id)
  *
  * The launch arguments are checked now by a launch that is rolled back, so
- * a schedule that could never launch is refused at once.
+ * a schedule that could never launch is refused at once.  That trial
+ * launch keeps its notices to itself (such as the one saying that no
+ * background workers run): they are about a job that never exists.
  */
 Datum
 dsmapper_schedule(PG_FUNCTION_ARGS)
@@ -95,6 +132,7 @@ dsmapper_schedule(PG_FUNCTION_ARGS)
 	char		nulls[13];
 	int64		cron_job;
 	bool		found;
+	int			quiet;
 
 	for (int i = 0; i < 12; i++)
 	{
@@ -103,7 +141,7 @@ dsmapper_schedule(PG_FUNCTION_ARGS)
 		if (PG_ARGISNULL(i))
 			ereport(ERROR,
 					(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
-					 errmsg("argument %d of dsmapper_schedule must not be NULL", i + 1)));
+					 errmsg("%s must not be NULL", schedule_arg_names[i])));
 	}
 	name = text_to_cstring(PG_GETARG_TEXT_PP(0));
 	schedule = text_to_cstring(PG_GETARG_TEXT_PP(1));
@@ -123,7 +161,11 @@ dsmapper_schedule(PG_FUNCTION_ARGS)
 
 	SPI_connect();
 
-	/* Validate the launch arguments with a launch that is rolled back. */
+	/*
+	 * Validate the launch arguments with a launch that is rolled back, its
+	 * notices silenced.
+	 */
+	quiet = quiet_notices();
 	BeginInternalSubTransaction(NULL);
 	PG_TRY();
 	{
@@ -136,12 +178,14 @@ dsmapper_schedule(PG_FUNCTION_ARGS)
 	PG_CATCH();
 	{
 		RollbackAndReleaseCurrentSubTransaction();
+		AtEOXact_GUC(false, quiet);
 		PG_RE_THROW();
 	}
 	PG_END_TRY();
 	RollbackAndReleaseCurrentSubTransaction();
+	AtEOXact_GUC(false, quiet);
 
-	/* Store it; only its owner may replace an existing schedule. */
+	/* Store it; an existing schedule is never replaced. */
 	dsm_enter_internal(&internal);
 	{
 		Oid			owner = schedule_owner(name);
@@ -199,15 +243,183 @@ dsmapper_schedule(PG_FUNCTION_ARGS)
 }
 
 /*
+ * lock_schedule finds a schedule, locks its row and returns its owner and
+ * its pg_cron job id (*has_cron_job false when none is recorded); false
+ * when there is no such schedule.  SPI connected, internal identity.
+ */
+static bool
+lock_schedule(const char *name, Oid *owner, int64 *cron_job, bool *has_cron_job)
+{
+	Oid			types[1] = {TEXTOID};
+	Datum		values[1] = {CStringGetTextDatum(name)};
+	HeapTuple	tuple;
+	TupleDesc	desc;
+	Datum		d;
+	bool		isnull;
+
+	if (SPI_execute_with_args("SELECT owner, cron_job FROM dsmapper.schedule"
+							  " WHERE name OPERATOR(pg_catalog.=) $1 FOR UPDATE",
+							  1, types, values, NULL, false, 0) != SPI_OK_SELECT)
+		elog(ERROR, "dsmapper: could not read schedule");
+	if (SPI_processed == 0)
+		return false;
+	tuple = SPI_tuptable->vals[0];
+	desc = SPI_tuptable->tupdesc;
+	*owner = DatumGetObjectId(SPI_getbinval(tuple, desc, 1, &isnull));
+	d = SPI_getbinval(tuple, desc, 2, &isnull);
+	*has_cron_job = !isnull;
+	*cron_job = isnull ? 0 : DatumGetInt64(d);
+	return true;
+}
+
+/*
+ * cron_job_exists tells whether pg_cron still holds job cron_job.  pg_cron's
+ * row level security shows a role only its own jobs; only a superuser sees
+ * them all, and the extension owner normally is one.  When it is not,
+ * *known is false and the job is taken to be there.  SPI connected.
+ */
+static bool
+cron_job_exists(int64 cron_job, bool *known)
+{
+	DsmIdentity internal;
+	Oid			types[1] = {INT8OID};
+	Datum		values[1] = {Int64GetDatum(cron_job)};
+	bool		found;
+	int64		n;
+
+	*known = superuser_arg(dsm_extension_owner());
+	if (!*known)
+		return true;
+	dsm_enter_internal(&internal);
+	n = dsm_spi_int64("SELECT count(*) FROM cron.job"
+					  " WHERE jobid OPERATOR(pg_catalog.=) $1",
+					  1, types, values, &found);
+	dsm_leave(&internal);
+	return n > 0;
+}
+
+/* Error context of remove_cron_jobs. */
+typedef struct CronRemoval
+{
+	const char *schedule;
+	const char *role;
+} CronRemoval;
+
+static void
+cron_removal_context(void *arg)
+{
+	CronRemoval *r = (CronRemoval *) arg;
+
+	errcontext("removing the pg_cron job of schedule \"%s\" as role \"%s\"",
+			   r->schedule, r->role);
+}
+
+/*
+ * remove_cron_jobs removes a schedule's pg_cron job: the recorded one
+ * (cron_job) and any job of the owner under the schedule's job name (which
+ * cron.schedule would reuse).  dsmapper_schedule made the job as the
+ * owner, so pg_cron knows it by the owner's name and shows and removes it
+ * only to the owner and to superusers: this runs as the owner, or as the
+ * calling superuser.  A caller who is merely a member of the owner role
+ * could not even see the job.
+ *
+ * Errors out, rather than leave the job behind to fail at every run, when
+ * the recorded job is still there but could not be removed.  SPI
+ * connected.
+ */
+static void
+remove_cron_jobs(const char *name, Oid owner, int64 cron_job, bool has_cron_job)
+{
+	bool		as_superuser = superuser();
+	Oid			role = as_superuser ? GetUserId() : owner;
+	char	   *owner_name = GetUserNameFromId(owner, true);
+	DsmIdentity id;
+	Oid			types[3] = {INT8OID, TEXTOID, TEXTOID};
+	Datum		values[3];
+	char		nulls[3] = {' ', ' ', ' '};
+	uint64		removed;
+	CronRemoval removal;
+	ErrorContextCallback callback;
+
+	values[0] = Int64GetDatum(cron_job);
+	if (!has_cron_job)
+		nulls[0] = 'n';
+	values[1] = CStringGetTextDatum(cron_job_name(name));
+	values[2] = (Datum) 0;
+	if (owner_name != NULL)
+		values[2] = CStringGetTextDatum(owner_name);
+	else
+		nulls[2] = 'n';			/* the owner role is gone */
+
+	removal.schedule = name;
+	removal.role = GetUserNameFromId(role, false);
+	callback.callback = cron_removal_context;
+	callback.arg = &removal;
+	callback.previous = error_context_stack;
+	error_context_stack = &callback;
+
+	dsm_enter_owner(&id, role, "pg_catalog");
+	if (SPI_execute_with_args("SELECT cron.unschedule(jobid) FROM cron.job"
+							  " WHERE jobid OPERATOR(pg_catalog.=) $1"
+							  " OR (jobname OPERATOR(pg_catalog.=) $2"
+							  " AND username OPERATOR(pg_catalog.=) $3)",
+							  3, types, values, nulls, false, 0) != SPI_OK_SELECT)
+		elog(ERROR, "dsmapper: could not remove the pg_cron job of schedule \"%s\"",
+			 name);
+	removed = SPI_processed;
+	for (uint64 i = 0; i < removed; i++)
+	{
+		bool		isnull;
+		Datum		done = SPI_getbinval(SPI_tuptable->vals[i],
+										 SPI_tuptable->tupdesc, 1, &isnull);
+
+		if (isnull || !DatumGetBool(done))
+			ereport(ERROR,
+					(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+					 errmsg("pg_cron did not remove the job of schedule \"%s\"", name)));
+	}
+	dsm_leave(&id);
+
+	error_context_stack = callback.previous;
+
+	/*
+	 * Nothing removed: a superuser saw every job, so the recorded one is gone
+	 * (removed through pg_cron directly, say).  The owner sees only its own
+	 * jobs; check that the recorded one is not still there under another
+	 * role's name.
+	 */
+	if (removed == 0 && has_cron_job && !as_superuser)
+	{
+		bool		known;
+
+		if (cron_job_exists(cron_job, &known))
+			ereport(ERROR,
+					(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+					 errmsg("could not remove pg_cron job " INT64_FORMAT " of schedule \"%s\"",
+							cron_job, name),
+					 known ?
+					 errdetail("The pg_cron job does not run as the schedule's owner, role \"%s\".",
+							   owner_name) :
+					 errdetail("Role \"%s\" has no such pg_cron job, and whether another role has it cannot be checked.",
+							   owner_name),
+					 errhint("A superuser can remove the schedule and its pg_cron job.")));
+	}
+}
+
+/*
  * dsmapper_unschedule(name text) → boolean: removes a schedule and its
- * pg_cron job; false when there was no such schedule.
+ * pg_cron job; false when there was no such schedule.  For the schedule's
+ * owner, members of that role and superusers.
  */
 Datum
 dsmapper_unschedule(PG_FUNCTION_ARGS)
 {
 	char	   *name;
 	DsmIdentity internal;
-	Oid			owner;
+	Oid			owner = InvalidOid;
+	int64		cron_job = 0;
+	bool		has_cron_job = false;
+	bool		exists;
 	Oid			types[1] = {TEXTOID};
 	Datum		values[1];
 
@@ -221,9 +433,9 @@ dsmapper_unschedule(PG_FUNCTION_ARGS)
 
 	SPI_connect();
 	dsm_enter_internal(&internal);
-	owner = schedule_owner(name);
+	exists = lock_schedule(name, &owner, &cron_job, &has_cron_job);
 	dsm_leave(&internal);
-	if (!OidIsValid(owner))
+	if (!exists)
 	{
 		SPI_finish();
 		PG_RETURN_BOOL(false);
@@ -234,22 +446,7 @@ dsmapper_unschedule(PG_FUNCTION_ARGS)
 				 errmsg("permission denied to unschedule \"%s\"", name),
 				 errdetail("Only the role that created a schedule, its members and superusers can remove it.")));
 
-	/* pg_cron lets a role unschedule only its own jobs, by name. */
-	{
-		Oid			ctypes[1] = {TEXTOID};
-		Datum		cvalues[1] = {CStringGetTextDatum(cron_job_name(name))};
-		bool		found;
-
-		if (owner == GetUserId())
-			(void) dsm_spi_int64("SELECT cron.unschedule(jobid)::int4 FROM cron.job"
-								 " WHERE jobname OPERATOR(pg_catalog.=) $1"
-								 " AND username OPERATOR(pg_catalog.=) current_user",
-								 1, ctypes, cvalues, &found);
-		else
-			(void) dsm_spi_int64("SELECT cron.unschedule(jobid)::int4 FROM cron.job"
-								 " WHERE jobname OPERATOR(pg_catalog.=) $1",
-								 1, ctypes, cvalues, &found);
-	}
+	remove_cron_jobs(name, owner, cron_job, has_cron_job);
 
 	dsm_enter_internal(&internal);
 	dsm_spi_exec("DELETE FROM dsmapper.schedule WHERE name OPERATOR(pg_catalog.=) $1",

@@ -69,6 +69,27 @@ SELECT dsmapper_schedule(NULL, '0 3 * * *', 'tune-map', 'tn');
 \echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_schedule('nightly', NULL, 'tune-map', 'tn');
 \echo SQLSTATE :LAST_ERROR_SQLSTATE
+-- Every NULL argument error names the argument; only filter may be NULL.
+SELECT dsmapper_schedule('nightly', '0 3 * * *', NULL, 'tn');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
+SELECT dsmapper_schedule('nightly', '0 3 * * *', 'tune-map', NULL);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
+SELECT dsmapper_schedule('nightly', '0 3 * * *', 'tune-map', 'tn', params => NULL);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
+SELECT dsmapper_schedule('nightly', '0 3 * * *', 'tune-map', 'tn', shards => NULL);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
+SELECT dsmapper_schedule('nightly', '0 3 * * *', 'tune-map', 'tn', page_size => NULL);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
+SELECT dsmapper_schedule('nightly', '0 3 * * *', 'tune-map', 'tn', pages_per_task => NULL);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
+SELECT dsmapper_schedule('nightly', '0 3 * * *', 'tune-map', 'tn', task_duration => NULL);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
+SELECT dsmapper_schedule('nightly', '0 3 * * *', 'tune-map', 'tn', track_progress => NULL);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
+SELECT dsmapper_schedule('nightly', '0 3 * * *', 'tune-map', 'tn', max_attempts => NULL);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
+SELECT dsmapper_schedule('nightly', '0 3 * * *', 'tune-map', 'tn', filter => NULL);
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_schedule('', '0 3 * * *', 'tune-map', 'tn');
 \echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_unschedule(NULL);

@@ -21,7 +21,17 @@
 #  - pg_cron itself fires a '* * * * *' schedule (one real firing, waited
 #    for up to 75 s, overlapped with the checks above);
 #  - dsmapper_unschedule removes the schedule and its cron.job row (true),
-#    false the second time, and bob may not remove alice's schedule (42501).
+#    false the second time, and bob may not remove alice's schedule (42501);
+#  - a member of alice's role who is not a superuser (carol, with USAGE on
+#    schema cron, and dave, without) removes alice's schedules and their
+#    cron.job rows too, although pg_cron shows neither of them alice's jobs;
+#    carol cannot take over the name of alice's schedule (42710);
+#  - a cron job that alice's role cannot remove (it runs as another role) is
+#    an error (55000) that leaves the schedule in place, not an orphan; a
+#    superuser then removes both;
+#  - with dsmapper.max_workers = 0, dsmapper_schedule does not pass on the
+#    NOTICE of its rolled-back trial launch (a real launch still says it),
+#    restores client_min_messages afterwards, and still reports errors.
 
 use strict;
 use warnings;
@@ -359,6 +369,110 @@ is(stored() =~ /^0\|0\|/ ? 'clean' : stored(), 'clean',
 # The jobs stay: unscheduling does not touch them.
 is(su("SELECT state FROM dsmapper.jobs WHERE job_id = $job2"),
 	'succeeded', 'jobs launched by a schedule outlive it');
+
+# ---------------------------------------------------------------------------
+# Members of alice's role who are not superusers.  pg_cron's row level
+# security (username = current_user) shows neither of them alice's cron
+# jobs, and only alice (or a superuser) may remove them.
+
+su(q{
+	CREATE ROLE carol LOGIN IN ROLE alice;
+	CREATE ROLE dave LOGIN IN ROLE alice;
+	GRANT USAGE ON SCHEMA cron TO carol;
+});
+
+my $weekly = as('alice', "SELECT dsmapper_schedule('weekly', '0 3 * * 0', 'gated', 't')");
+my $monthly = as('alice', "SELECT dsmapper_schedule('monthly', '0 3 1 * *', 'gated', 't')");
+like("$weekly|$monthly", qr/^\d+\|\d+$/, "alice makes weekly ($weekly) and monthly ($monthly)");
+is(as('carol', "SELECT count(*) FROM cron.job"),
+	'0', 'carol sees none of alice\'s cron jobs');
+
+{
+	my ($rc, $state, $out, $err) = try_as('carol',
+		"SELECT dsmapper_schedule('weekly', '0 4 * * *', 'gated', 't')");
+	is($state, '42710', 'carol cannot take over the name weekly (42710)')
+	  or diag("rc $rc\nstdout: $out\nstderr: $err");
+	is(su("SELECT owner || '|' || cron_job FROM dsmapper.schedules WHERE name = 'weekly'"),
+		"alice|$weekly", '  weekly is still alice\'s');
+}
+
+{
+	my ($rc, $state, $out, $err) =
+	  try_as('carol', "SELECT dsmapper_unschedule('weekly')");
+	is("$rc|$out", '0|t', 'carol, a member of alice, unschedules weekly: true')
+	  or diag("state $state\nstderr: $err");
+	is(su("SELECT count(*) FROM dsmapper.schedules WHERE name = 'weekly'"),
+		'0', '  the schedule is gone');
+	is(su("SELECT count(*) FROM cron.job WHERE jobid = $weekly"),
+		'0', '  its cron.job row is gone too (no orphan)');
+}
+
+{
+	my ($rc, $state, $out, $err) =
+	  try_as('dave', "SELECT dsmapper_unschedule('monthly')");
+	is("$rc|$out", '0|t',
+		'dave, a member of alice without USAGE on schema cron, unschedules monthly: true')
+	  or diag("state $state\nstderr: $err");
+	is(su("SELECT count(*) FROM dsmapper.schedules WHERE name = 'monthly'") . '|'
+		  . su("SELECT count(*) FROM cron.job WHERE jobid = $monthly"),
+		'0|0', '  the schedule and its cron.job row are gone');
+}
+
+# A cron job that no longer runs as alice: alice's role cannot remove it,
+# which is an error, not a schedule removed with its cron job left behind.
+my $moved = as('alice', "SELECT dsmapper_schedule('moved', '0 3 * * *', 'gated', 't')");
+su("UPDATE cron.job SET username = 'bob' WHERE jobid = $moved");
+foreach my $role ('alice', 'carol')
+{
+	my ($rc, $state, $out, $err) =
+	  try_as($role, "SELECT dsmapper_unschedule('moved')");
+	is($state, '55000', "$role cannot remove a cron job that runs as bob (55000)")
+	  or diag("rc $rc\nstdout: $out\nstderr: $err");
+	like($err, qr/could not remove pg_cron job $moved of schedule "moved"/,
+		'  the error names the cron job and the schedule');
+	is(su("SELECT count(*) FROM dsmapper.schedules WHERE name = 'moved'") . '|'
+		  . su("SELECT count(*) FROM cron.job WHERE jobid = $moved"),
+		'1|1', '  the schedule and the cron job are both still there');
+}
+is(su("SELECT dsmapper_unschedule('moved')"), 't', 'a superuser unschedules it');
+is(su("SELECT count(*) FROM dsmapper.schedules WHERE name = 'moved'") . '|'
+	  . su("SELECT count(*) FROM cron.job WHERE jobid = $moved"),
+	'0|0', '  the schedule and the cron job are gone');
+
+is(stored() =~ /^0\|0\|/ ? 'clean' : stored(), 'clean',
+	'no schedule and no cron job left');
+
+# ===========================================================================
+# 5. No background workers: the trial launch keeps its NOTICE.
+# ===========================================================================
+
+su('ALTER SYSTEM SET dsmapper.max_workers = 0');
+$node->restart;
+
+{
+	my ($rc, $state, $out, $err) = try_as('alice',
+		"SELECT dsmapper_abort(dsmapper_launch('gated', 't'))");
+	like($err, qr/NOTICE:.*background workers are not running/,
+		'max_workers = 0: a real launch says the workers are not running');
+
+	($rc, $state, $out, $err) = try_as('alice',
+		"SELECT dsmapper_schedule('quiet', '0 3 * * *', 'gated', 't') > 0;\n"
+		  . "SHOW client_min_messages;");
+	is("$rc|$out", "0|t\nnotice", 'dsmapper_schedule works, client_min_messages is notice after it')
+	  or diag("state $state\nstderr: $err");
+	unlike($err, qr/NOTICE|background workers/,
+		'  and it passes on no NOTICE about a job that never exists');
+
+	($rc, $state, $out, $err) = try_as('alice',
+		"SELECT dsmapper_schedule('quiet2', '0 3 * * *', 'gated', 't', shards => 0)");
+	is($state, '22023', '  errors of the trial launch still come through (22023)')
+	  or diag("rc $rc\nstdout: $out\nstderr: $err");
+	like($err, qr/shards must be between/, '  with their message');
+
+	is(as('alice', "SELECT dsmapper_unschedule('quiet')"), 't', '  quiet unscheduled');
+	is(stored() =~ /^0\|0\|/ ? 'clean' : stored(), 'clean',
+		'  no schedule and no cron job left');
+}
 
 my $log = slurp_file($node->logfile);
 unlike($log, qr/terminated by signal|PANIC/, 'no crash in the server log');
