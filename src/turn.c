@@ -98,6 +98,9 @@ typedef struct TurnState
 	int64		page_delay_ms;
 	int64		target_page_ms; /* 0: fixed page size */
 	int			shards_in_turn;
+	int			shards_waiting; /* of the job, neither final nor in a turn */
+	int64		shard_expected; /* rows, 0 when unknown */
+	int64		turn_rows;		/* rows mapped in this turn */
 	bool		stop_turn;		/* end the turn after this page */
 	bool		abandoned;		/* canceled by DROP EXTENSION: no bookkeeping */
 	uint64		generation;		/* the database's, before the page read */
@@ -806,7 +809,10 @@ map_page(TurnState *ts, bool *done)
 									" (SELECT count(*) FROM dsmapper.shard s"
 									"   WHERE s.job_id OPERATOR(pg_catalog.=) j.job_id AND s.in_turn)::int4,"
 									" (SELECT m.fn FROM dsmapper.mapper m"
-									"   WHERE m.mapper OPERATOR(pg_catalog.=) j.mapper)"
+									"   WHERE m.mapper OPERATOR(pg_catalog.=) j.mapper),"
+									" (SELECT count(*) FROM dsmapper.shard s"
+									"   WHERE s.job_id OPERATOR(pg_catalog.=) j.job_id AND NOT s.in_turn"
+									"   AND s.state OPERATOR(pg_catalog.=) ANY ('{starting,running}'::text[]))::int4"
 									" FROM dsmapper.job j"
 									" WHERE j.job_id OPERATOR(pg_catalog.=) $1",
 									1, jtypes, 0),
@@ -836,6 +842,7 @@ map_page(TurnState *ts, bool *done)
 		ts->rows_per_second = DatumGetFloat8(SPI_getbinval(t, d, 4, &isnull));
 		ts->page_delay_ms = DatumGetInt64(SPI_getbinval(t, d, 5, &isnull));
 		ts->shards_in_turn = DatumGetInt32(SPI_getbinval(t, d, 7, &isnull));
+		ts->shards_waiting = DatumGetInt32(SPI_getbinval(t, d, 9, &isnull));
 
 		/* The mapper is still registered, to the same function. */
 		registered = DatumGetObjectId(SPI_getbinval(t, d, 8, &isnull));
@@ -1038,7 +1045,7 @@ load_shard(TurnState *ts)
 	}
 
 	rc = SPI_execute_with_args("SELECT state, range_start, range_end, resume_from,"
-							   " in_turn, attempts"
+							   " in_turn, attempts, coalesce(expected, 0)"
 							   " FROM dsmapper.shard"
 							   " WHERE job_id OPERATOR(pg_catalog.=) $1"
 							   " AND shard OPERATOR(pg_catalog.=) $2",
@@ -1050,6 +1057,7 @@ load_shard(TurnState *ts)
 	tuple = SPI_tuptable->vals[0];
 	desc = SPI_tuptable->tupdesc;
 	state = SPI_getvalue(tuple, desc, 1);
+	ts->shard_expected = DatumGetInt64(SPI_getbinval(tuple, desc, 7, &isnull));
 	if (strcmp(state, "succeeded") == 0 || strcmp(state, "failed") == 0 ||
 		strcmp(state, "aborted") == 0)
 	{
@@ -1273,6 +1281,17 @@ run_shard_turn(TurnState *ts, TimestampTz deadline)
 			break;
 		if (!done)
 			pace_pages(ts, rows, page_ms);
+		ts->turn_rows += rows;
+
+		/*
+		 * While other shards of the job wait, a turn maps at most a quarter
+		 * of its shard: the shards then advance together and end close to
+		 * each other, instead of the job's last shard running alone while
+		 * the other workers idle.
+		 */
+		if (!ts->in_session && ts->shards_waiting > 0 && ts->shard_expected > 0 &&
+			ts->turn_rows * 4 >= ts->shard_expected)
+			break;
 		if (ts->job->pages_per_task > 0 && pages >= ts->job->pages_per_task)
 			break;
 		/* New work waits while every worker is in a turn: make room. */
