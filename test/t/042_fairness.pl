@@ -9,7 +9,8 @@
 # an idle system.  Its launch-to-finish time is measured alone first, then
 # next to the huge job; the contended time must be at most 3 x the alone
 # time + 2 s.  A second small job, launched once every shard of the huge
-# job has had a turn, is measured the same way.
+# job has had a turn, is measured the same way.  Last, the shards of one
+# job with more shards than workers advance together.
 
 use strict;
 use warnings;
@@ -128,6 +129,20 @@ is( sql(
 		      AND NOT EXISTS (SELECT FROM huge WHERE n > 1)}),
 	't',
 	'the huge job mapped each row at most once, processed = rows mapped');
+
+# Within one job: with more shards than workers, a turn ends after a
+# quarter of its shard while other shards wait, so every shard has started
+# before the first one finishes (the job does not end with one shard
+# running alone).
+sql("SELECT dsmapper_abort(job_id) FROM dsmapper.jobs WHERE finished IS NULL");
+create_counter_table($node, 'even', 2000);
+create_counter_mapper($node, 'count_even', 'even', sleep => 0.01);
+my $je = launch($node, 'count_even', 'even', 'shards => 4, page_size => 25');
+is(wait_job($node, $je, timeout => '120 s'), 'succeeded', 'the four-shard job succeeds');
+is(counter_summary($node, 'even'), '2000|2000|0|0', '  every row exactly once');
+is( sql(qq{SELECT max(started) < min(updated) FILTER (WHERE state = 'succeeded')
+             FROM dsmapper.shard WHERE job_id = $je}),
+	't', '  every shard started before the first one finished');
 
 $node->stop;
 done_testing();
