@@ -437,22 +437,45 @@ dsm_key_signature(DsmKey *key)
 }
 
 /*
+ * Widening casts a key may go through to reach a keys-mode mapper: each
+ * maps distinct keys to distinct values, so the mapper's WHERE key = ANY
+ * (keys) still finds exactly the page's rows.  (Other implicit casts, such
+ * as bigint to double precision or text to name, can merge keys.)
+ */
+static const struct
+{
+	Oid			from;
+	Oid			to;
+}			widening_casts[] =
+{
+	{INT2OID, INT4OID}, {INT2OID, INT8OID}, {INT4OID, INT8OID},
+	{INT2OID, NUMERICOID}, {INT4OID, NUMERICOID}, {INT8OID, NUMERICOID},
+	{FLOAT4OID, FLOAT8OID}, {DATEOID, TIMESTAMPOID},
+};
+
+/*
  * dsm_key_fits_mapper tells whether keys of key_type can be passed to a
  * keys-mode mapper whose array holds elem_type: as they are when the types
- * are binary compatible, or through the implicit cast between them (an
+ * are binary compatible, or through one of the widening casts above (an
  * integer key for a bigint[] mapper, say), in which case *cast is set.
  */
 bool
 dsm_key_fits_mapper(Oid key_type, Oid elem_type, bool *cast)
 {
+	Oid			base = getBaseType(key_type);
+
 	*cast = false;
 	if (IsBinaryCoercible(key_type, elem_type))
 		return true;
-	if (IsPolymorphicType(elem_type) ||
-		!can_coerce_type(1, &key_type, &elem_type, COERCION_IMPLICIT))
-		return false;
-	*cast = true;
-	return true;
+	for (int i = 0; i < lengthof(widening_casts); i++)
+	{
+		if (widening_casts[i].from == base && widening_casts[i].to == elem_type)
+		{
+			*cast = true;
+			return true;
+		}
+	}
+	return false;
 }
 
 /*

@@ -29,6 +29,7 @@ static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
 
 static bool wakeup_pending = false;
 static List *cancel_jobs_pending = NIL;	/* job ids, in TopMemoryContext */
+static bool dropper_pending = false;	/* our DROP EXTENSION mark is set */
 static bool state_change_pending = false;
 static bool xact_callback_registered = false;
 
@@ -309,6 +310,19 @@ dsm_wake_database(Oid dboid)
 	LWLockRelease(dsm_shared->lock);
 }
 
+/*
+ * clear_dropper takes back this backend's DROP EXTENSION mark, if any.
+ */
+static void
+clear_dropper(void)
+{
+	if (dropper_pending)
+	{
+		dropper_pending = false;
+		dsm_set_extension_dropper(MyDatabaseId, false);
+	}
+}
+
 static void
 dsm_xact_callback(XactEvent event, void *arg)
 {
@@ -330,6 +344,7 @@ dsm_xact_callback(XactEvent event, void *arg)
 			cancel_jobs_pending = NIL;
 			wakeup_pending = false;
 			state_change_pending = false;
+			clear_dropper();
 			break;
 		case XACT_EVENT_ABORT:
 		case XACT_EVENT_PARALLEL_ABORT:
@@ -337,6 +352,7 @@ dsm_xact_callback(XactEvent event, void *arg)
 			cancel_jobs_pending = NIL;
 			wakeup_pending = false;
 			state_change_pending = false;
+			clear_dropper();
 			break;
 		default:
 			break;
@@ -423,8 +439,9 @@ dsm_cancel_job_pages(Oid dboid, int64 job_id)
 
 /*
  * dsm_set_extension_dropper records that this backend is running (or has
- * finished) DROP EXTENSION dsmapper in a database.  Any process; a no-op
- * without shared memory.
+ * finished) DROP EXTENSION dsmapper in a database.  The mark is cleared
+ * when the transaction ends, either way (dsm_xact_callback).  Any process;
+ * a no-op without shared memory.
  */
 void
 dsm_set_extension_dropper(Oid dboid, bool dropping)
@@ -433,6 +450,12 @@ dsm_set_extension_dropper(Oid dboid, bool dropping)
 
 	if (dsm_shared == NULL)
 		return;
+	if (dropping)
+	{
+		/* The command's locks last until the transaction ends: so does this. */
+		dsm_register_xact_callback();
+		dropper_pending = true;
+	}
 	LWLockAcquire(dsm_shared->lock, LW_EXCLUSIVE);
 	db = dsm_find_database(dboid, dropping);
 	if (db != NULL && (dropping || db->dropping_pid == MyProcPid))

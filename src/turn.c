@@ -87,6 +87,7 @@ typedef struct TurnState
 	char	   *last_key;
 	MemoryContext page_cxt;		/* reset before every page */
 	SPIPlanPtr	plans[TURN_PLANS];	/* prepared once per turn */
+	int			plan_limits[TURN_PLANS];	/* LIMIT of a page statement */
 	int			page_plan_options;	/* cursor options of the page query */
 
 	/* Tuning, read again before every page (dsmapper_tune). */
@@ -98,8 +99,8 @@ typedef struct TurnState
 	int64		page_delay_ms;
 	int64		target_page_ms; /* 0: fixed page size */
 	int			shards_in_turn;
-	int			shards_waiting; /* of the job, neither final nor in a turn */
-	int64		shard_expected; /* rows, 0 when unknown */
+	int			shards_waiting; /* of the job, ready and not in a turn */
+	int64		shard_expected; /* rows (or more if mapped), 0: unknown */
 	int64		turn_rows;		/* rows mapped in this turn */
 	bool		stop_turn;		/* end the turn after this page */
 	bool		abandoned;		/* canceled by DROP EXTENSION: no bookkeeping */
@@ -190,16 +191,17 @@ page_abort(TurnState *ts)
 
 /*
  * abandon_for_drop tells, after a page was rolled back, whether the error
- * was the cancel of a DROP EXTENSION dsmapper under way in this database:
+ * was the cancel of a DROP EXTENSION dsmapper under way in this database
+ * (dropping: dsm_extension_being_dropped, asked before the rollback let the
+ * command go on):
  * then the turn ends without writing anything (see
  * dsm_extension_being_dropped), and the extension's own removal settles
  * the rest.
  */
 static bool
-abandon_for_drop(TurnState *ts, ErrorData *edata)
+abandon_for_drop(TurnState *ts, ErrorData *edata, bool dropping)
 {
-	if (!ts->in_session && edata->sqlerrcode == ERRCODE_QUERY_CANCELED &&
-		dsm_extension_being_dropped(MyDatabaseId))
+	if (!ts->in_session && edata->sqlerrcode == ERRCODE_QUERY_CANCELED && dropping)
 		ts->abandoned = true;
 	return ts->abandoned;
 }
@@ -548,9 +550,9 @@ resolve_mapper(TurnState *ts)
 	 * index of its own, a selective range), so it keeps custom plans, and
 	 * so does a partitioned table, whose plans prune by the bounds.
 	 */
-	ts->page_plan_options =
-		job->filter == NULL && rel->rd_rel->relkind != RELKIND_PARTITIONED_TABLE ?
-		CURSOR_OPT_GENERIC_PLAN : 0;
+	ts->page_plan_options = CURSOR_OPT_PARALLEL_OK |
+		(job->filter == NULL && rel->rd_rel->relkind != RELKIND_PARTITIONED_TABLE ?
+		 CURSOR_OPT_GENERIC_PLAN : 0);
 	table_close(rel, AccessShareLock);
 
 	/* The owner may still read the table and call the function. */
@@ -797,6 +799,7 @@ map_page(TurnState *ts, bool *done)
 	PageReceiver page;
 	ParamListInfo params;
 	SPIExecuteOptions options;
+	int			which;
 	List	   *last = NIL;
 
 	/* 1. Is the job still running, and how is it tuned now? */
@@ -810,12 +813,14 @@ map_page(TurnState *ts, bool *done)
 									"   WHERE s.job_id OPERATOR(pg_catalog.=) j.job_id AND s.in_turn)::int4,"
 									" (SELECT m.fn FROM dsmapper.mapper m"
 									"   WHERE m.mapper OPERATOR(pg_catalog.=) j.mapper),"
-									" (SELECT count(*) FROM dsmapper.shard s"
-									"   WHERE s.job_id OPERATOR(pg_catalog.=) j.job_id AND NOT s.in_turn"
-									"   AND s.state OPERATOR(pg_catalog.=) ANY ('{starting,running}'::text[]))::int4"
+									" (SELECT count(*) FROM dsmapper.queue q"
+									"   JOIN dsmapper.shard s ON s.job_id OPERATOR(pg_catalog.=) q.job_id"
+									"    AND s.shard OPERATOR(pg_catalog.=) q.shard"
+									"   WHERE q.job_id OPERATOR(pg_catalog.=) j.job_id AND NOT s.in_turn"
+									"   AND q.ready_at OPERATOR(pg_catalog.<=) pg_catalog.clock_timestamp())::int4"
 									" FROM dsmapper.job j"
 									" WHERE j.job_id OPERATOR(pg_catalog.=) $1",
-									1, jtypes, 0),
+									1, jtypes, CURSOR_OPT_PARALLEL_OK),
 						  jvalues, NULL, false, 0);
 	if (rc != SPI_OK_SELECT || SPI_processed != 1)
 	{
@@ -877,11 +882,23 @@ map_page(TurnState *ts, bool *done)
 		bound_params(ts, &sql, "<", ts->range_end, types, values, &nargs);
 	if (job->filter)
 		appendStringInfo(&sql, " AND (%s\n)", job->filter);
-	types[nargs] = INT4OID;
-	values[nargs] = Int32GetDatum(ts->page_limit);
-	nargs++;
-	appendStringInfo(&sql, " ORDER BY %s LIMIT $%d",
-					 dsm_key_order_sql(ts->key, ts->key->alias), nargs);
+
+	/*
+	 * The limit is written into the statement, not passed as a parameter:
+	 * a plan made for an unknown limit assumes a tenth of the range's rows
+	 * and may then prefer sorting the whole range to the ordered index scan.
+	 * A statement prepared for another limit (dsmapper_tune, an adaptive
+	 * page size) is prepared again.
+	 */
+	appendStringInfo(&sql, " ORDER BY %s LIMIT %d",
+					 dsm_key_order_sql(ts->key, ts->key->alias), ts->page_limit);
+	which = PLAN_PAGE + (ts->resume == NIL ? 0 : ts->resume_inclusive ? 1 : 2);
+	if (ts->plans[which] != NULL && ts->plan_limits[which] != ts->page_limit)
+	{
+		SPI_freeplan(ts->plans[which]);
+		ts->plans[which] = NULL;
+	}
+	ts->plan_limits[which] = ts->page_limit;
 
 	/* The page goes straight from the executor into the mapper's array. */
 	page.pub.receiveSlot = page_receiver_receive;
@@ -911,9 +928,7 @@ map_page(TurnState *ts, bool *done)
 	options.dest = (DestReceiver *) &page;
 
 	dsm_enter_owner(&owner, job->owner, job->search_path);
-	rc = SPI_execute_plan_extended(turn_plan(ts, PLAN_PAGE + (ts->resume == NIL ? 0 :
-															  ts->resume_inclusive ? 1 : 2),
-											 sql.data, nargs, types,
+	rc = SPI_execute_plan_extended(turn_plan(ts, which, sql.data, nargs, types,
 											 ts->page_plan_options),
 								   &options);
 	dsm_leave(&owner);
@@ -982,7 +997,7 @@ map_page(TurnState *ts, bool *done)
 										" updated = pg_catalog.clock_timestamp()"
 										" WHERE job_id OPERATOR(pg_catalog.=) $1"
 										" AND shard OPERATOR(pg_catalog.=) $2",
-										4, ctypes, 0),
+										4, ctypes, CURSOR_OPT_PARALLEL_OK),
 							  cvalues, cnulls, false, 0);
 		if (rc != SPI_OK_UPDATE)
 			elog(ERROR, "dsmapper: could not write the checkpoint");
@@ -1045,7 +1060,7 @@ load_shard(TurnState *ts)
 	}
 
 	rc = SPI_execute_with_args("SELECT state, range_start, range_end, resume_from,"
-							   " in_turn, attempts, coalesce(expected, 0)"
+							   " in_turn, attempts, GREATEST(expected, processed)"
 							   " FROM dsmapper.shard"
 							   " WHERE job_id OPERATOR(pg_catalog.=) $1"
 							   " AND shard OPERATOR(pg_catalog.=) $2",
@@ -1058,6 +1073,8 @@ load_shard(TurnState *ts)
 	desc = SPI_tuptable->tupdesc;
 	state = SPI_getvalue(tuple, desc, 1);
 	ts->shard_expected = DatumGetInt64(SPI_getbinval(tuple, desc, 7, &isnull));
+	if (isnull || !ts->job->track_progress)
+		ts->shard_expected = 0;
 	if (strcmp(state, "succeeded") == 0 || strcmp(state, "failed") == 0 ||
 		strcmp(state, "aborted") == 0)
 	{
@@ -1196,11 +1213,12 @@ run_shard_turn(TurnState *ts, TimestampTz deadline)
 	}
 	PG_CATCH();
 	{
+		bool		dropping = dsm_extension_being_dropped(MyDatabaseId);
 		ErrorData  *edata = page_abort(ts);
 
 		if (ts->in_session && edata->sqlerrcode == ERRCODE_QUERY_CANCELED)
 			ReThrowError(edata);
-		if (!abandon_for_drop(ts, edata))
+		if (!abandon_for_drop(ts, edata, dropping))
 			record_failure(ts, edata);
 		done = true;
 	}
@@ -1265,13 +1283,14 @@ run_shard_turn(TurnState *ts, TimestampTz deadline)
 		PG_CATCH();
 		{
 			ErrorData  *edata;
+			bool		dropping = dsm_extension_being_dropped(MyDatabaseId);
 
 			if (!ts->in_session && dsm_page_timeout > 0)
 				disable_timeout(STATEMENT_TIMEOUT, false);
 			edata = page_abort(ts);
 			if (ts->in_session && edata->sqlerrcode == ERRCODE_QUERY_CANCELED)
 				ReThrowError(edata);
-			if (!abandon_for_drop(ts, edata))
+			if (!abandon_for_drop(ts, edata, dropping))
 				record_failure(ts, edata);
 			done = true;
 		}
@@ -1320,7 +1339,9 @@ run_split(TurnState *ts)
 	/*
 	 * Count the attempt first, in a transaction of its own, so that a split
 	 * that keeps ending its process (a filter that crashes the backend, say)
-	 * counts too and the job fails after max_attempts instead of looping.
+	 * counts too and the job fails after max_attempts instead of looping;
+	 * such a split is taken up again only after a backoff.  (In a session
+	 * the count is part of the caller's transaction and goes with it.)
 	 */
 	page_begin(ts);
 	dsm_enter_internal(&internal);
@@ -1330,7 +1351,10 @@ run_split(TurnState *ts)
 		Int32GetDatum(DSM_SPLIT_TASK)};
 
 		attempts = (int) dsm_spi_int64("UPDATE dsmapper.queue"
-									   " SET attempts = attempts OPERATOR(pg_catalog.+) 1"
+									   " SET attempts = attempts OPERATOR(pg_catalog.+) 1,"
+									   " ready_at = pg_catalog.clock_timestamp() OPERATOR(pg_catalog.+)"
+									   " pg_catalog.make_interval(secs => LEAST(300.0,"
+									   " 2.0 OPERATOR(pg_catalog.^) attempts))"
 									   " WHERE job_id OPERATOR(pg_catalog.=) $1"
 									   " AND shard OPERATOR(pg_catalog.=) $2"
 									   " RETURNING attempts",
@@ -1428,11 +1452,12 @@ run_split(TurnState *ts)
 	}
 	PG_CATCH();
 	{
+		bool		dropping = dsm_extension_being_dropped(MyDatabaseId);
 		ErrorData  *edata = page_abort(ts);
 
 		if (ts->in_session && edata->sqlerrcode == ERRCODE_QUERY_CANCELED)
 			ReThrowError(edata);
-		if (abandon_for_drop(ts, edata))
+		if (abandon_for_drop(ts, edata, dropping))
 			return;
 
 		/* A split that failed fails the job, unless it is worth a retry. */

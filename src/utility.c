@@ -166,7 +166,6 @@ dsm_process_utility(PlannedStmt *pstmt, const char *queryString,
 	Node	   *parsetree = pstmt->utilityStmt;
 	Oid			released = InvalidOid;
 	bool		dropping = false;
-	volatile bool dropping_extension = false;
 
 	if (IsA(parsetree, DropdbStmt))
 	{
@@ -190,9 +189,11 @@ dsm_process_utility(PlannedStmt *pstmt, const char *queryString,
 	}
 	else if (dsm_workers_available() && drops_this_extension(parsetree))
 	{
-		/* Say so first: the canceled workers then leave our tables alone. */
+		/*
+		 * Say so first (until the transaction ends): the canceled workers
+		 * then leave our tables alone.
+		 */
 		dsm_set_extension_dropper(MyDatabaseId, true);
-		dropping_extension = true;
 		(void) dsm_cancel_job_pages(MyDatabaseId, 0);
 	}
 
@@ -210,13 +211,9 @@ dsm_process_utility(PlannedStmt *pstmt, const char *queryString,
 		/* The database is still there: let its workers come back. */
 		if (OidIsValid(released))
 			probe_database(released);
-		if (dropping_extension)
-			dsm_set_extension_dropper(MyDatabaseId, false);
 		PG_RE_THROW();
 	}
 	PG_END_TRY();
-	if (dropping_extension)
-		dsm_set_extension_dropper(MyDatabaseId, false);
 
 	if (OidIsValid(released) && !dropping)
 		probe_database(released);

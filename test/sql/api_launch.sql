@@ -172,6 +172,13 @@ SELECT dsmapper_launch('launch-text', 'lt');
 \echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_launch('launch-ids', 'lt_num');
 \echo SQLSTATE :LAST_ERROR_SQLSTATE
+-- An implicit cast that can merge keys (bigint to double precision) is not
+-- a way into a mapper.
+CREATE FUNCTION launch_map_float(keys float8[], params jsonb) RETURNS void
+LANGUAGE plpgsql AS $$ BEGIN END $$;
+SELECT dsmapper_register('launch-float', 'launch_map_float(float8[], jsonb)');
+SELECT dsmapper_launch('launch-float', 'lt');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 SELECT dsmapper_launch('launch-rows', 'lt');
 \echo SQLSTATE :LAST_ERROR_SQLSTATE
 
@@ -375,7 +382,7 @@ SELECT dsmapper_unregister(mapper) FROM dsmapper.mappers
  WHERE mapper LIKE 'launch-%' ORDER BY mapper;
 DROP VIEW lt_view, lt_shards;
 DROP MATERIALIZED VIEW lt_matview;
-DROP FUNCTION launch_map, launch_map_text, launch_map_private, launch_map_rows;
+DROP FUNCTION launch_map, launch_map_text, launch_map_private, launch_map_rows, launch_map_float;
 DROP TABLE lt, lt_calls, lt_nopk, lt_num, lt_comp, lt_empty;
 DROP SEQUENCE lt_seq;
 DROP ROLE regress_dsm_launcher;
