@@ -44,9 +44,11 @@
  * them.  With only_for set, only jobs that role may control are claimed.
  *
  * Order: jobs with the fewest shards in a turn first (a new job comes
- * before more shards of a busy one), then the task whose last turn is
- * oldest, tasks that never had one first.  Fairness: tasks that never had a turn come first, then the one
- * whose last turn is oldest.
+ * before more shards of a busy one); among those, the job whose latest
+ * turn is oldest, jobs that never had one first (so workers that end their
+ * turns at the same moment for a new job do not both go back to the old
+ * job's untouched shards); then the task whose last turn is oldest, tasks
+ * that never had one first.
  */
 bool
 dsm_claim_task(DsmTask *task, int *ready_count, TimestampTz *next_ready,
@@ -70,6 +72,8 @@ dsm_claim_task(DsmTask *task, int *ready_count, TimestampTz *next_ready,
 					 "   ANY ('{starting,running,paused,aborting}'::text[])"
 					 " ORDER BY (SELECT count(*) FROM dsmapper.shard s"
 					 "   WHERE s.job_id OPERATOR(pg_catalog.=) q.job_id AND s.in_turn),"
+					 " (SELECT max(q2.last_turn) FROM dsmapper.queue q2"
+					 "   WHERE q2.job_id OPERATOR(pg_catalog.=) q.job_id) NULLS FIRST,"
 					 " q.last_turn NULLS FIRST, q.job_id, q.shard",
 					 false, 0);
 	if (rc != SPI_OK_SELECT)
