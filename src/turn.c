@@ -791,8 +791,8 @@ map_page(TurnState *ts, bool *done)
 	int			nargs = 0;
 	StringInfoData sql;
 	DsmIdentity owner;
-	Oid			jtypes[1] = {INT8OID};
-	Datum		jvalues[1] = {Int64GetDatum(ts->job_id)};
+	Oid			jtypes[2] = {INT8OID, BOOLOID};
+	Datum		jvalues[2];
 	char	   *state;
 	int			rc;
 	uint64		n;
@@ -802,7 +802,13 @@ map_page(TurnState *ts, bool *done)
 	int			which;
 	List	   *last = NIL;
 
-	/* 1. Is the job still running, and how is it tuned now? */
+	/*
+	 * 1. Is the job still running, and how is it tuned now?  Once the turn
+	 * has mapped a quarter of its shard, also: do other shards wait?
+	 */
+	jvalues[0] = Int64GetDatum(ts->job_id);
+	jvalues[1] = BoolGetDatum(ts->shard_expected > 0 &&
+							  ts->turn_rows * 4 >= ts->shard_expected);
 	rc = SPI_execute_plan(turn_plan(ts, PLAN_JOB_STATE,
 									"SELECT j.state, j.page_size,"
 									" coalesce(j.max_running_shards, 0),"
@@ -813,14 +819,15 @@ map_page(TurnState *ts, bool *done)
 									"   WHERE s.job_id OPERATOR(pg_catalog.=) j.job_id AND s.in_turn)::int4,"
 									" (SELECT m.fn FROM dsmapper.mapper m"
 									"   WHERE m.mapper OPERATOR(pg_catalog.=) j.mapper),"
-									" (SELECT count(*) FROM dsmapper.queue q"
+									" CASE WHEN $2 THEN (SELECT count(*) FROM dsmapper.queue q"
 									"   JOIN dsmapper.shard s ON s.job_id OPERATOR(pg_catalog.=) q.job_id"
 									"    AND s.shard OPERATOR(pg_catalog.=) q.shard"
 									"   WHERE q.job_id OPERATOR(pg_catalog.=) j.job_id AND NOT s.in_turn"
 									"   AND q.ready_at OPERATOR(pg_catalog.<=) pg_catalog.clock_timestamp())::int4"
+									" ELSE 0 END"
 									" FROM dsmapper.job j"
 									" WHERE j.job_id OPERATOR(pg_catalog.=) $1",
-									1, jtypes, CURSOR_OPT_PARALLEL_OK),
+									2, jtypes, CURSOR_OPT_PARALLEL_OK),
 						  jvalues, NULL, false, 0);
 	if (rc != SPI_OK_SELECT || SPI_processed != 1)
 	{
@@ -1303,13 +1310,13 @@ run_shard_turn(TurnState *ts, TimestampTz deadline)
 		ts->turn_rows += rows;
 
 		/*
-		 * While other shards of the job wait, a turn maps at most a quarter
-		 * of its shard: the shards then advance together and end close to
+		 * While other shards of the job wait, a turn maps about a quarter of
+		 * its shard (the page after the quarter is reached asks whether
+		 * they wait): the shards then advance together and end close to
 		 * each other, instead of the job's last shard running alone while
 		 * the other workers idle.
 		 */
-		if (!ts->in_session && ts->shards_waiting > 0 && ts->shard_expected > 0 &&
-			ts->turn_rows * 4 >= ts->shard_expected)
+		if (!ts->in_session && ts->shards_waiting > 0)
 			break;
 		if (ts->job->pages_per_task > 0 && pages >= ts->job->pages_per_task)
 			break;
